@@ -1,0 +1,27 @@
+// Hugging Face model directories (config.json + model.safetensors or a sharded index) in and out
+// of a LlamaModel, by the parameter table's names.
+#pragma once
+
+#include <string>
+
+#include "model/llama_model.h"
+#include "model/safetensors.h"
+
+namespace freqkv {
+
+// Copies every parameter from the reader into the model. A missing tensor, a tensor whose shape
+// differs from the table's, or a tensor the model does not have is an error naming it.
+// (rotary_emb.inv_freq buffers of older checkpoints are skipped; a tied model ignores a stored
+// lm_head.weight, as transformers does.)
+template <typename T>
+void load_hf_weights(LlamaModel<T>& model, const SafetensorsReader& reader);
+
+// Writes config.json and model.safetensors (F32) into dir, creating it.
+template <typename T>
+void save_hf_model(LlamaModel<T>& model, const std::string& dir);
+
+// Writes the gradient arena as an F32 safetensors file with the parameters' names.
+template <typename T>
+void save_hf_gradients(LlamaModel<T>& model, const std::string& path);
+
+}  // namespace freqkv

@@ -1,0 +1,105 @@
+// A LLaMA-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) with FreqKV attention,
+// its forward and backward written out layer by layer against the Kernels<T> interface.
+//
+// One training step is forward() then backward(): forward keeps what backward needs and, fused
+// with the classifier as llm.c does, already turns the logits into their gradient block by block,
+// so the whole [tokens x vocab] logits never exist at once. Gradients accumulate (+=) into the
+// gradient arena until zero_grads().
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "model/freqkv_schedule.h"
+#include "model/model_config.h"
+#include "model/param_table.h"
+
+namespace freqkv {
+
+struct LossSum {
+  double sum = 0;     // sum of the per-token losses
+  int64_t count = 0;  // tokens with a target (targets < 0 are ignored)
+};
+
+template <typename T>
+class LlamaModel {
+ public:
+  LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv, Kernels<T>& kernels);
+
+  const ModelConfig& config() const { return config_; }
+  const FreqKVConfig& freqkv_config() const { return freqkv_; }
+  const ParamTable& param_table() const { return table_; }
+  Kernels<T>& kernels() { return kernels_; }
+
+  // The arenas: every parameter (and its gradient) at param_table()[i].offset.
+  T* params() { return params_.data(); }
+  T* grads() { return grads_.data(); }
+  T* param(size_t i) { return params_.data() + table_[i].offset; }
+  T* grad(size_t i) { return grads_.data() + table_[i].offset; }
+
+  // Host copies of one parameter or gradient (row-major, logical shape).
+  void set_param(size_t i, const float* host);
+  void set_param(size_t i, const double* host);
+  std::vector<float> get_param(size_t i);
+  std::vector<float> get_grad(size_t i);
+  std::vector<double> get_grad_f64(size_t i);
+
+  // Random initialisation: N(0, std) for matrices, ones for norm weights; deterministic in seed.
+  void init_random(uint64_t seed, double std = 0.02);
+  void zero_grads();
+
+  // Runs B sequences of T tokens (host arrays of B*T ids; targets < 0 are not scored).
+  // With grad_scale != 0 it keeps the activations for backward() and prepares the gradient of
+  // grad_scale * (sum of losses) -- the fused classifier already adds the LM head's share to its
+  // gradient here; with grad_scale == 0 it only evaluates.
+  LossSum forward(const int32_t* inputs, const int32_t* targets, int64_t batch, int64_t seq_len,
+                  double grad_scale);
+  // Accumulates the gradient of the last forward (which must have had grad_scale != 0).
+  void backward();
+
+  // Rows of logits computed at once by the fused classifier (bounds its scratch memory).
+  void set_classifier_block_rows(int64_t rows) { classifier_rows_ = rows; }
+
+ private:
+  struct LayerWeights {
+    T *input_norm, *wq, *wk, *wv, *wo, *post_norm, *w_gate, *w_up, *w_down;
+  };
+  struct LayerActivations {
+    Buffer<T> norm1, q, kv_rows, att, res_mid, norm2, gate, up, swiglu;
+    Buffer<Acc<T>> rstd1, lse, rstd2;
+  };
+
+  LayerWeights layer_weights(T* base, int64_t layer) const;
+  void prepare(int64_t batch, int64_t seq_len);  // allocates activations and the schedule
+  void layer_forward(int64_t l);
+  void layer_backward(int64_t l);
+  void apply_compressions(T* kv_rows, bool backward);
+
+  ModelConfig config_;
+  FreqKVConfig freqkv_;
+  Kernels<T>& kernels_;
+  ParamTable table_;
+  Buffer<T> params_, grads_;
+  int64_t embed_index_ = 0, final_norm_index_ = 0, lm_head_index_ = 0;
+  int64_t classifier_rows_ = 1024;
+
+  // Shape of the current activations.
+  int64_t batch_ = 0, seq_len_ = 0, n_tokens_ = 0, kv_rows_ = 0;  // kv_rows_: all sequences
+  bool have_grad_state_ = false;
+  FreqKVSchedule schedule_;
+  std::vector<AttnBlock> blocks_;
+  Buffer<int64_t> kv_source_;
+  Buffer<int32_t> kv_positions_, query_positions_, inputs_, targets_;
+
+  // Activations: the residual stream before each layer and after the last, per-layer saves.
+  std::vector<Buffer<T>> residual_;
+  std::vector<LayerActivations> acts_;
+  Buffer<T> final_norm_, logits_, kv_scratch_;
+  Buffer<Acc<T>> final_rstd_, losses_;
+  // Backward scratch.
+  Buffer<T> d_residual_, d_final_norm_, d_norm_, d_q_, d_kv_rows_, d_kv_, d_att_, d_swiglu_,
+      d_gate_, d_up_;
+};
+
+}  // namespace freqkv
