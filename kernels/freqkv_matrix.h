@@ -1,0 +1,23 @@
+// The matrices of FreqKV compression (see "Compression operator" in docs/FREQKV.md), computed on
+// the host in double. Backends convert them to their element type once and apply them as GEMMs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace freqkv {
+
+// The orthonormal DCT-II of length n as an n x n row-major matrix; row k is basis vector k:
+//   D[k, i] = a_k cos(pi (2i + 1) k / 2n),  a_0 = sqrt(1/n),  a_k = sqrt(2/n) for k > 0.
+// D is orthogonal, so its transpose is the inverse (the orthonormal DCT-III).
+// Throws std::invalid_argument unless n >= 1.
+std::vector<double> dct_matrix(int64_t n);
+
+// The compression N -> L tokens, an L x N row-major matrix (L = n_out, N = n_in):
+//   P = sqrt(L/N) D_L^T D_N[0:L, :]
+// i.e. DCT the N tokens, keep the L lowest frequencies, inverse DCT of length L, rescale so that
+// a constant sequence stays the same constant. With L = N it is the identity.
+// Throws std::invalid_argument unless 1 <= n_out <= n_in.
+std::vector<double> freqkv_compression_matrix(int64_t n_in, int64_t n_out);
+
+}  // namespace freqkv
