@@ -16,9 +16,15 @@ namespace freqkv {
 template <typename T>
 void load_hf_weights(LlamaModel<T>& model, const SafetensorsReader& reader);
 
-// Writes config.json and model.safetensors (F32) into dir, creating it.
+// Writes config.json and model.safetensors (F32) into dir, creating it. LoRA adapters are merged
+// into their weights (W + alpha/rank B A): the result is a plain Hugging Face LLaMA.
 template <typename T>
 void save_hf_model(LlamaModel<T>& model, const std::string& dir);
+
+// Writes the LoRA adapter alone in PEFT's layout: adapter_config.json and
+// adapter_model.safetensors with names base_model.model.<parameter name>.
+template <typename T>
+void save_peft_adapter(LlamaModel<T>& model, const std::string& dir);
 
 // Writes the gradient arena as an F32 safetensors file with the parameters' names.
 template <typename T>

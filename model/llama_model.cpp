@@ -7,33 +7,41 @@
 
 namespace freqkv {
 
-namespace {
-
-const char* kLayerParamSuffixes[] = {
-    "input_layernorm.weight",       "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",      "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",         "mlp.up_proj.weight",      "mlp.down_proj.weight"};
-
-}  // namespace
-
 template <typename T>
 LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
-                          Kernels<T>& kernels)
-    : config_(config), freqkv_(freqkv), kernels_(kernels), table_(llama_param_table(config)) {
+                          Kernels<T>& kernels, const LoraConfig& lora)
+    : config_(config),
+      freqkv_(freqkv),
+      lora_(lora),
+      kernels_(kernels),
+      table_(llama_param_table(config, lora)) {
   if (freqkv_.enabled) freqkv_.validate();
   params_ = Buffer<T>(kernels_, table_.total_numel());
   grads_ = Buffer<T>(kernels_, table_.total_numel());
+  trainable_.assign(table_.size(), 1);
   embed_index_ = table_.find("model.embed_tokens.weight");
   final_norm_index_ = table_.find("model.norm.weight");
   lm_head_index_ = config_.tie_word_embeddings ? embed_index_ : table_.find("lm_head.weight");
-}
 
-template <typename T>
-typename LlamaModel<T>::LayerWeights LlamaModel<T>::layer_weights(T* base, int64_t layer) const {
-  const std::string prefix = "model.layers." + std::to_string(layer) + ".";
-  T* p[9];
-  for (int i = 0; i < 9; ++i) p[i] = base + table_.at(prefix + kLayerParamSuffixes[i]).offset;
-  return {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+  const char* kModules[kLinearCount] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                        "mlp.down_proj"};
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    LayerParams p;
+    p.input_norm = table_.find(prefix + "input_layernorm.weight");
+    p.post_norm = table_.find(prefix + "post_attention_layernorm.weight");
+    for (int i = 0; i < kLinearCount; ++i) {
+      Linear& lin = p.linear[i];
+      const std::string module = prefix + kModules[i];
+      lin.weight = table_.find(module + ".weight");
+      lin.lora_a = table_.find(module + ".lora_A.weight");
+      lin.lora_b = table_.find(module + ".lora_B.weight");
+      lin.out = table_[lin.weight].shape[0];
+      lin.in = table_[lin.weight].shape[1];
+    }
+    layers_.push_back(p);
+  }
 }
 
 template <typename T>
@@ -72,8 +80,26 @@ void LlamaModel<T>::init_random(uint64_t seed, double std) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal(0.0, std);
   for (size_t i = 0; i < table_.size(); ++i) {
+    if (table_[i].is_lora()) continue;
     std::vector<double> values(static_cast<size_t>(table_[i].numel()));
     for (double& v : values) v = table_[i].is_norm() ? 1.0 : normal(rng);
+    set_param(i, values.data());
+  }
+  init_lora(seed + 1);
+}
+
+template <typename T>
+void LlamaModel<T>::init_lora(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i < table_.size(); ++i) {
+    const ParamSpec& spec = table_[i];
+    if (!spec.is_lora()) continue;
+    std::vector<double> values(static_cast<size_t>(spec.numel()), 0.0);
+    if (spec.role == ParamRole::kLoraA) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(spec.shape[1]));
+      std::uniform_real_distribution<double> uniform(-bound, bound);
+      for (double& v : values) v = uniform(rng);
+    }
     set_param(i, values.data());
   }
 }
@@ -131,6 +157,8 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
     a.gate = Buffer<T>(kernels_, N * I);
     a.up = Buffer<T>(kernels_, N * I);
     a.swiglu = Buffer<T>(kernels_, N * I);
+    for (int i = 0; i < kLinearCount; ++i)
+      if (layers_[l].linear[i].lora_a >= 0) a.lora_xa[i] = Buffer<T>(kernels_, N * lora_.rank);
     acts_.push_back(std::move(a));
   }
   final_norm_ = Buffer<T>(kernels_, N * H);
@@ -149,6 +177,7 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   d_swiglu_ = Buffer<T>(kernels_, N * I);
   d_gate_ = Buffer<T>(kernels_, N * I);
   d_up_ = Buffer<T>(kernels_, N * I);
+  d_lora_xa_ = Buffer<T>(kernels_, lora_.enabled ? N * lora_.rank : 0);
 
   batch_ = batch;
   seq_len_ = seq_len;
@@ -178,23 +207,58 @@ void LlamaModel<T>::apply_compressions(T* kv_rows, bool backward) {
 }
 
 template <typename T>
+void LlamaModel<T>::linear_forward(const Linear& lin, Buffer<T>& xa, const T* x, int64_t ld_x,
+                                   T* y, int64_t ld_y, double beta) {
+  const int64_t N = n_tokens_;
+  Kernels<T>& k = kernels_;
+  k.gemm(false, true, N, lin.out, lin.in, 1.0, x, ld_x, param(lin.weight), lin.in, beta, y, ld_y);
+  if (lin.lora_a < 0) return;
+  const int64_t r = lora_.rank;
+  k.gemm(false, true, N, r, lin.in, 1.0, x, ld_x, param(lin.lora_a), lin.in, 0.0, xa.data(), r);
+  k.gemm(false, true, N, lin.out, r, lora_.scaling(), xa.data(), r, param(lin.lora_b), r, 1.0, y,
+         ld_y);
+}
+
+template <typename T>
+void LlamaModel<T>::linear_backward(const Linear& lin, const Buffer<T>& xa, const T* dy,
+                                    int64_t ld_dy, const T* x, int64_t ld_x, T* dx, int64_t ld_dx,
+                                    double dx_beta) {
+  const int64_t N = n_tokens_;
+  Kernels<T>& k = kernels_;
+  k.gemm(false, false, N, lin.in, lin.out, 1.0, dy, ld_dy, param(lin.weight), lin.in, dx_beta, dx,
+         ld_dx);
+  if (trainable(lin.weight))
+    k.gemm(true, false, lin.out, lin.in, N, 1.0, dy, ld_dy, x, ld_x, 1.0, grad(lin.weight), lin.in);
+  if (lin.lora_a < 0) return;
+  const int64_t r = lora_.rank;
+  const double s = lora_.scaling();
+  T* d_xa = d_lora_xa_.data();  // d(x A^T) = s dy B
+  k.gemm(false, false, N, r, lin.out, s, dy, ld_dy, param(lin.lora_b), r, 0.0, d_xa, r);
+  if (trainable(lin.lora_b))
+    k.gemm(true, false, lin.out, r, N, s, dy, ld_dy, xa.data(), r, 1.0, grad(lin.lora_b), r);
+  if (trainable(lin.lora_a))
+    k.gemm(true, false, r, lin.in, N, 1.0, d_xa, r, x, ld_x, 1.0, grad(lin.lora_a), lin.in);
+  k.gemm(false, false, N, lin.in, r, 1.0, d_xa, r, param(lin.lora_a), lin.in, 1.0, dx, ld_dx);
+}
+
+template <typename T>
 void LlamaModel<T>::layer_forward(int64_t l) {
   const ModelConfig& c = config_;
   const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
   const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
   const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
-  const LayerWeights w = layer_weights(params_.data(), l);
+  const LayerParams& p = layers_[l];
   LayerActivations& a = acts_[l];
   const T* x = residual_[l].data();
   T* out = residual_[l + 1].data();
   Kernels<T>& k = kernels_;
 
   // Attention block: q/k/v projections of the normalised input; K and V side by side per token.
-  k.rmsnorm_forward(a.norm1.data(), a.rstd1.data(), x, w.input_norm, N, H, c.rms_norm_eps);
-  k.gemm(false, true, N, q_width, H, 1.0, a.norm1.data(), H, w.wq, H, 0.0, a.q.data(), q_width);
+  k.rmsnorm_forward(a.norm1.data(), a.rstd1.data(), x, param(p.input_norm), N, H, c.rms_norm_eps);
+  linear_forward(p.linear[kQ], a.lora_xa[kQ], a.norm1.data(), H, a.q.data(), q_width, 0.0);
   T* kv = kv_scratch_.data();
-  k.gemm(false, true, N, k_width, H, 1.0, a.norm1.data(), H, w.wk, H, 0.0, kv, kv_width);
-  k.gemm(false, true, N, k_width, H, 1.0, a.norm1.data(), H, w.wv, H, 0.0, kv + k_width, kv_width);
+  linear_forward(p.linear[kK], a.lora_xa[kK], a.norm1.data(), H, kv, kv_width, 0.0);
+  linear_forward(p.linear[kV], a.lora_xa[kV], a.norm1.data(), H, kv + k_width, kv_width, 0.0);
 
   // FreqKV: lay out [sink ; memory ; chunk] rows, compress pre-RoPE keys and values chunk by
   // chunk, then rotate keys and queries with their cache-layout positions.
@@ -210,17 +274,16 @@ void LlamaModel<T>::layer_forward(int64_t l) {
   k.attention_forward(a.att.data(), q_width, a.lse.data(), a.q.data(), q_width, kv_rows,
                       kv_rows + k_width, kv_width, blocks_, shape);
   k.copy_on_device(a.res_mid.data(), x, static_cast<size_t>(N * H) * sizeof(T));
-  k.gemm(false, true, N, H, q_width, 1.0, a.att.data(), q_width, w.wo, q_width, 1.0,
-         a.res_mid.data(), H);
+  linear_forward(p.linear[kO], a.lora_xa[kO], a.att.data(), q_width, a.res_mid.data(), H, 1.0);
 
   // MLP block: down(silu(gate(x)) * up(x)).
-  k.rmsnorm_forward(a.norm2.data(), a.rstd2.data(), a.res_mid.data(), w.post_norm, N, H,
+  k.rmsnorm_forward(a.norm2.data(), a.rstd2.data(), a.res_mid.data(), param(p.post_norm), N, H,
                     c.rms_norm_eps);
-  k.gemm(false, true, N, I, H, 1.0, a.norm2.data(), H, w.w_gate, H, 0.0, a.gate.data(), I);
-  k.gemm(false, true, N, I, H, 1.0, a.norm2.data(), H, w.w_up, H, 0.0, a.up.data(), I);
+  linear_forward(p.linear[kGate], a.lora_xa[kGate], a.norm2.data(), H, a.gate.data(), I, 0.0);
+  linear_forward(p.linear[kUp], a.lora_xa[kUp], a.norm2.data(), H, a.up.data(), I, 0.0);
   k.swiglu_forward(a.swiglu.data(), a.gate.data(), a.up.data(), N * I);
   k.copy_on_device(out, a.res_mid.data(), static_cast<size_t>(N * H) * sizeof(T));
-  k.gemm(false, true, N, H, I, 1.0, a.swiglu.data(), I, w.w_down, I, 1.0, out, H);
+  linear_forward(p.linear[kDown], a.lora_xa[kDown], a.swiglu.data(), I, out, H, 1.0);
 }
 
 template <typename T>
@@ -265,7 +328,8 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
     if (grad_scale != 0.0) {  // logits_ now holds d(loss)/d(logits)
       k.gemm(false, false, rows, H, V, 1.0, logits_.data(), V, head, H, 0.0,
              d_final_norm_.data() + r0 * H, H);
-      k.gemm(true, false, V, H, rows, 1.0, logits_.data(), V, x, H, 1.0, d_head, H);
+      if (trainable(lm_head_index_))
+        k.gemm(true, false, V, H, rows, 1.0, logits_.data(), V, x, H, 1.0, d_head, H);
     }
   }
   std::vector<Acc<T>> losses(static_cast<size_t>(N));
@@ -281,27 +345,26 @@ void LlamaModel<T>::layer_backward(int64_t l) {
   const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
   const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
   const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
-  const LayerWeights w = layer_weights(params_.data(), l);
-  const LayerWeights g = layer_weights(grads_.data(), l);
+  const LayerParams& p = layers_[l];
   LayerActivations& a = acts_[l];
   Kernels<T>& k = kernels_;
   T* d_res = d_residual_.data();  // enters as d(layer output), leaves as d(layer input)
 
   // MLP block (out = res_mid + down(swiglu)).
-  k.gemm(false, false, N, I, H, 1.0, d_res, H, w.w_down, I, 0.0, d_swiglu_.data(), I);
-  k.gemm(true, false, H, I, N, 1.0, d_res, H, a.swiglu.data(), I, 1.0, g.w_down, I);
+  linear_backward(p.linear[kDown], a.lora_xa[kDown], d_res, H, a.swiglu.data(), I,
+                  d_swiglu_.data(), I, 0.0);
   k.swiglu_backward(d_gate_.data(), d_up_.data(), d_swiglu_.data(), a.gate.data(), a.up.data(),
                     N * I);
-  k.gemm(false, false, N, H, I, 1.0, d_gate_.data(), I, w.w_gate, H, 0.0, d_norm_.data(), H);
-  k.gemm(false, false, N, H, I, 1.0, d_up_.data(), I, w.w_up, H, 1.0, d_norm_.data(), H);
-  k.gemm(true, false, I, H, N, 1.0, d_gate_.data(), I, a.norm2.data(), H, 1.0, g.w_gate, H);
-  k.gemm(true, false, I, H, N, 1.0, d_up_.data(), I, a.norm2.data(), H, 1.0, g.w_up, H);
-  k.rmsnorm_backward(d_res, g.post_norm, d_norm_.data(), a.res_mid.data(), w.post_norm,
-                     a.rstd2.data(), N, H);
+  linear_backward(p.linear[kGate], a.lora_xa[kGate], d_gate_.data(), I, a.norm2.data(), H,
+                  d_norm_.data(), H, 0.0);
+  linear_backward(p.linear[kUp], a.lora_xa[kUp], d_up_.data(), I, a.norm2.data(), H,
+                  d_norm_.data(), H, 1.0);
+  k.rmsnorm_backward(d_res, grad(p.post_norm), d_norm_.data(), a.res_mid.data(),
+                     param(p.post_norm), a.rstd2.data(), N, H);
 
   // Attention block (res_mid = x + o_proj(attention)).
-  k.gemm(false, false, N, q_width, H, 1.0, d_res, H, w.wo, q_width, 0.0, d_att_.data(), q_width);
-  k.gemm(true, false, H, q_width, N, 1.0, d_res, H, a.att.data(), q_width, 1.0, g.wo, q_width);
+  linear_backward(p.linear[kO], a.lora_xa[kO], d_res, H, a.att.data(), q_width, d_att_.data(),
+                  q_width, 0.0);
   const AttnShape shape{static_cast<int>(Hq), static_cast<int>(Hkv), static_cast<int>(D),
                         1.0 / std::sqrt(static_cast<double>(D))};
   T* d_kv_rows = d_kv_rows_.data();
@@ -317,16 +380,14 @@ void LlamaModel<T>::layer_backward(int64_t l) {
   k.fill_zero(d_kv, static_cast<size_t>(N * kv_width) * sizeof(T));
   k.scatter_add_rows(d_kv, kv_width, d_kv_rows, kv_width, kv_source_.data(), kv_rows_, kv_width);
 
-  k.gemm(false, false, N, H, q_width, 1.0, d_q_.data(), q_width, w.wq, H, 0.0, d_norm_.data(), H);
-  k.gemm(false, false, N, H, k_width, 1.0, d_kv, kv_width, w.wk, H, 1.0, d_norm_.data(), H);
-  k.gemm(false, false, N, H, k_width, 1.0, d_kv + k_width, kv_width, w.wv, H, 1.0, d_norm_.data(),
-         H);
-  k.gemm(true, false, q_width, H, N, 1.0, d_q_.data(), q_width, a.norm1.data(), H, 1.0, g.wq, H);
-  k.gemm(true, false, k_width, H, N, 1.0, d_kv, kv_width, a.norm1.data(), H, 1.0, g.wk, H);
-  k.gemm(true, false, k_width, H, N, 1.0, d_kv + k_width, kv_width, a.norm1.data(), H, 1.0, g.wv,
-         H);
-  k.rmsnorm_backward(d_res, g.input_norm, d_norm_.data(), residual_[l].data(), w.input_norm,
-                     a.rstd1.data(), N, H);
+  linear_backward(p.linear[kQ], a.lora_xa[kQ], d_q_.data(), q_width, a.norm1.data(), H,
+                  d_norm_.data(), H, 0.0);
+  linear_backward(p.linear[kK], a.lora_xa[kK], d_kv, kv_width, a.norm1.data(), H, d_norm_.data(),
+                  H, 1.0);
+  linear_backward(p.linear[kV], a.lora_xa[kV], d_kv + k_width, kv_width, a.norm1.data(), H,
+                  d_norm_.data(), H, 1.0);
+  k.rmsnorm_backward(d_res, grad(p.input_norm), d_norm_.data(), residual_[l].data(),
+                     param(p.input_norm), a.rstd1.data(), N, H);
 }
 
 template <typename T>
@@ -341,7 +402,8 @@ void LlamaModel<T>::backward() {
                      residual_[c.num_hidden_layers].data(), param(final_norm_index_),
                      final_rstd_.data(), N, H);
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) layer_backward(l);
-  k.embedding_backward(grad(embed_index_), d_residual_.data(), inputs_.data(), N, H);
+  if (trainable(embed_index_))
+    k.embedding_backward(grad(embed_index_), d_residual_.data(), inputs_.data(), N, H);
   have_grad_state_ = false;
 }
 

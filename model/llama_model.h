@@ -7,6 +7,7 @@
 // gradient arena until zero_grads().
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -25,10 +26,12 @@ struct LossSum {
 template <typename T>
 class LlamaModel {
  public:
-  LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv, Kernels<T>& kernels);
+  LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv, Kernels<T>& kernels,
+             const LoraConfig& lora = LoraConfig());
 
   const ModelConfig& config() const { return config_; }
   const FreqKVConfig& freqkv_config() const { return freqkv_; }
+  const LoraConfig& lora_config() const { return lora_; }
   const ParamTable& param_table() const { return table_; }
   Kernels<T>& kernels() { return kernels_; }
 
@@ -45,9 +48,17 @@ class LlamaModel {
   std::vector<float> get_grad(size_t i);
   std::vector<double> get_grad_f64(size_t i);
 
-  // Random initialisation: N(0, std) for matrices, ones for norm weights; deterministic in seed.
+  // Random initialisation: N(0, std) for matrices, ones for norm weights, LoRA as init_lora;
+  // deterministic in seed.
   void init_random(uint64_t seed, double std = 0.02);
+  // LoRA factors only, as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0 (the adapted model
+  // starts equal to the base model).
+  void init_lora(uint64_t seed);
   void zero_grads();
+
+  // Frozen parameters get no weight gradient (their GEMMs are skipped); all start trainable.
+  void set_trainable(size_t i, bool trainable) { trainable_[i] = trainable; }
+  bool trainable(size_t i) const { return trainable_[i] != 0; }
 
   // Runs B sequences of T tokens (host arrays of B*T ids; targets < 0 are not scored).
   // With grad_scale != 0 it keeps the activations for backward() and prepares the gradient of
@@ -62,15 +73,28 @@ class LlamaModel {
   void set_classifier_block_rows(int64_t rows) { classifier_rows_ = rows; }
 
  private:
-  struct LayerWeights {
-    T *input_norm, *wq, *wk, *wv, *wo, *post_norm, *w_gate, *w_up, *w_down;
+  // One projection y = x W^T (+ LoRA), by parameter indices (-1: no adapter).
+  enum LinearId { kQ, kK, kV, kO, kGate, kUp, kDown, kLinearCount };
+  struct Linear {
+    int64_t weight = -1, lora_a = -1, lora_b = -1;
+    int64_t in = 0, out = 0;
+  };
+  struct LayerParams {
+    int64_t input_norm = -1, post_norm = -1;
+    std::array<Linear, kLinearCount> linear;
   };
   struct LayerActivations {
     Buffer<T> norm1, q, kv_rows, att, res_mid, norm2, gate, up, swiglu;
     Buffer<Acc<T>> rstd1, lse, rstd2;
+    std::array<Buffer<T>, kLinearCount> lora_xa;  // x A^T of each adapted projection
   };
 
-  LayerWeights layer_weights(T* base, int64_t layer) const;
+  // y = beta * y + x W^T (+ scaling * (x A^T) B^T, keeping x A^T in xa).
+  void linear_forward(const Linear& lin, Buffer<T>& xa, const T* x, int64_t ld_x, T* y,
+                      int64_t ld_y, double beta);
+  // dx = dx_beta * dx + dy W (+ the adapter's share); weight gradients += for trainable ones.
+  void linear_backward(const Linear& lin, const Buffer<T>& xa, const T* dy, int64_t ld_dy,
+                       const T* x, int64_t ld_x, T* dx, int64_t ld_dx, double dx_beta);
   void prepare(int64_t batch, int64_t seq_len);  // allocates activations and the schedule
   void layer_forward(int64_t l);
   void layer_backward(int64_t l);
@@ -78,8 +102,11 @@ class LlamaModel {
 
   ModelConfig config_;
   FreqKVConfig freqkv_;
+  LoraConfig lora_;
   Kernels<T>& kernels_;
   ParamTable table_;
+  std::vector<LayerParams> layers_;
+  std::vector<char> trainable_;
   Buffer<T> params_, grads_;
   int64_t embed_index_ = 0, final_norm_index_ = 0, lm_head_index_ = 0;
   int64_t classifier_rows_ = 1024;
@@ -99,7 +126,7 @@ class LlamaModel {
   Buffer<Acc<T>> final_rstd_, losses_;
   // Backward scratch.
   Buffer<T> d_residual_, d_final_norm_, d_norm_, d_q_, d_kv_rows_, d_kv_, d_att_, d_swiglu_,
-      d_gate_, d_up_;
+      d_gate_, d_up_, d_lora_xa_;
 };
 
 }  // namespace freqkv

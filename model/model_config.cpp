@@ -85,4 +85,28 @@ void FreqKVConfig::validate() const {
   }
 }
 
+bool LoraConfig::targets_module(const std::string& module) const {
+  for (const std::string& t : targets)
+    if (t == module) return true;
+  return false;
+}
+
+void LoraConfig::validate() const {
+  if (!enabled) return;
+  if (rank < 1)
+    throw std::invalid_argument("LoRA rank must be >= 1, got " + std::to_string(rank));
+  if (!(alpha > 0))
+    throw std::invalid_argument("LoRA alpha must be > 0, got " + std::to_string(alpha));
+  static const char* kModules[] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                   "gate_proj", "up_proj", "down_proj"};
+  for (const std::string& t : targets) {
+    bool known = false;
+    for (const char* m : kModules) known = known || t == m;
+    if (!known)
+      throw std::invalid_argument("LoRA target '" + t +
+                                  "' is not a LLaMA linear module (valid: q_proj k_proj v_proj "
+                                  "o_proj gate_proj up_proj down_proj)");
+  }
+}
+
 }  // namespace freqkv

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace freqkv {
 
@@ -38,6 +39,21 @@ struct FreqKVConfig {
   int64_t compressed() const;                            // L = floor(F * r)
   int64_t step() const { return compressible() - compressed(); }  // new tokens per chunk
   // Throws std::invalid_argument when L < 1, step < 1, S < 0 or S >= C, naming the values.
+  void validate() const;
+};
+
+// Low-rank adapters (LoRA, Hu et al. 2021; PEFT's semantics): a target Linear y = x W^T becomes
+// y = x W^T + (alpha / rank) (x A^T) B^T with A [rank, in] and B [out, rank]; B starts at zero.
+struct LoraConfig {
+  bool enabled = false;
+  int64_t rank = 8;
+  double alpha = 16;
+  // Module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+  std::vector<std::string> targets = {"q_proj", "k_proj", "v_proj", "o_proj"};
+
+  double scaling() const { return alpha / static_cast<double>(rank); }
+  bool targets_module(const std::string& module) const;
+  // Throws std::invalid_argument for a non-positive rank/alpha or an unknown target module.
   void validate() const;
 };
 

@@ -221,14 +221,15 @@ double reference_loss(const std::map<std::string, std::vector<double>>& w, const
 struct Problem {
   ModelConfig config;
   FreqKVConfig freqkv;
+  LoraConfig lora;
   int64_t batch, seq_len;
   std::vector<int32_t> inputs, targets;
   std::map<std::string, std::vector<double>> weights;
 };
 
 Problem make_problem(const ModelConfig& c, const FreqKVConfig& f, int64_t batch, int64_t seq_len,
-                     uint64_t seed) {
-  Problem p{c, f, batch, seq_len, {}, {}, {}};
+                     uint64_t seed, const LoraConfig& lora = LoraConfig()) {
+  Problem p{c, f, lora, batch, seq_len, {}, {}, {}};
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab_size - 1));
   for (int64_t i = 0; i < batch * seq_len; ++i) {
@@ -236,7 +237,7 @@ Problem make_problem(const ModelConfig& c, const FreqKVConfig& f, int64_t batch,
     p.targets.push_back(i % 7 == 3 ? -1 : token(rng));  // some positions are not scored
   }
   std::normal_distribution<double> normal(0.0, 0.5);
-  const ParamTable table = llama_param_table(c);
+  const ParamTable table = llama_param_table(c, lora);
   for (const ParamSpec& s : table.specs()) {
     std::vector<double> v(static_cast<size_t>(s.numel()));
     for (double& x : v) x = s.is_norm() ? 1.0 + 0.2 * normal(rng) : normal(rng);
@@ -315,7 +316,7 @@ TEST(LlamaModel, ShortInputEqualsPlainCausalModelExactly) {
 // one random direction through all parameters at once.
 void check_gradients(const Problem& p) {
   CpuKernels<double> k;
-  LlamaModel<double> model(p.config, p.freqkv, k);
+  LlamaModel<double> model(p.config, p.freqkv, k, p.lora);
   load(model, p);
   const ParamTable& table = model.param_table();
   int64_t count = 0;
@@ -330,7 +331,7 @@ void check_gradients(const Problem& p) {
   auto mean_loss = [&]() {
     return model.forward(p.inputs.data(), p.targets.data(), p.batch, p.seq_len, 0.0).sum * scale;
   };
-  const double eps = 1e-5;
+  const double eps = 1e-6;
   std::mt19937_64 rng(42);
   for (size_t i = 0; i < table.size(); ++i) {
     std::vector<double> w = p.weights.at(table[i].name);
@@ -351,14 +352,20 @@ void check_gradients(const Problem& p) {
           << table[i].name << " element " << e;
     }
   }
-  // Directional derivative along a random direction through every parameter.
+  // Directional derivative along a random unit direction through every parameter.
   std::normal_distribution<double> normal(0.0, 1.0);
   std::vector<std::vector<double>> dir(table.size());
-  double analytic = 0;
+  double norm2 = 0;
   for (size_t i = 0; i < table.size(); ++i) {
     dir[i].resize(static_cast<size_t>(table[i].numel()));
-    for (size_t e = 0; e < dir[i].size(); ++e) analytic += grads[i][e] * (dir[i][e] = normal(rng));
+    for (double& d : dir[i]) {
+      d = normal(rng);
+      norm2 += d * d;
+    }
   }
+  double analytic = 0;
+  for (size_t i = 0; i < table.size(); ++i)
+    for (size_t e = 0; e < dir[i].size(); ++e) analytic += grads[i][e] * (dir[i][e] /= std::sqrt(norm2));
   auto shifted_loss = [&](double t) {
     for (size_t i = 0; i < table.size(); ++i) {
       std::vector<double> w = p.weights.at(table[i].name);
@@ -381,6 +388,75 @@ TEST(LlamaModelGradients, MultiChunkFreqKVTiedNoSink) {
 
 TEST(LlamaModelGradients, PlainCausal) {
   check_gradients(make_problem(tiny_config(false, 1), freqkv_config(6, 1, 0.5, false), 2, 9, 13));
+}
+
+LoraConfig lora_config(std::vector<std::string> targets) {
+  LoraConfig l;
+  l.enabled = true;
+  l.rank = 3;
+  l.alpha = 6;
+  l.targets = std::move(targets);
+  return l;
+}
+
+TEST(LlamaModelGradients, LoraOnEveryProjection) {
+  // Random (non-zero) B so that every adapter factor gets a gradient.
+  check_gradients(make_problem(tiny_config(false, 1), freqkv_config(6, 1, 0.5), 2, 13, 15,
+                               lora_config({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj"})));
+}
+
+TEST(LlamaModel, LoraMatchesItsMergedWeights) {
+  // y = x W^T + s (x A^T) B^T must equal x (W + s B A)^T: compare against the naive reference
+  // run on merged weights.
+  const Problem p = make_problem(tiny_config(false, 1), freqkv_config(6, 1, 0.5), 1, 13, 16,
+                                 lora_config({"q_proj", "v_proj", "down_proj"}));
+  Problem merged = p;
+  const ParamTable table = llama_param_table(p.config, p.lora);
+  for (const ParamSpec& s : table.specs()) {
+    if (s.role != ParamRole::kLoraA) continue;
+    const std::vector<double>& a = p.weights.at(s.name);
+    const std::string b_name = s.name.substr(0, s.name.size() - 14) + ".lora_B.weight";
+    const std::vector<double>& b = p.weights.at(b_name);
+    std::vector<double>& w = merged.weights.at(s.adapts);
+    const int64_t r = s.shape[0], in = s.shape[1], out = static_cast<int64_t>(w.size()) / in;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < in; ++j)
+        for (int64_t q = 0; q < r; ++q) w[o * in + j] += p.lora.scaling() * b[o * r + q] * a[q * in + j];
+  }
+  CpuKernels<double> k;
+  LlamaModel<double> model(p.config, p.freqkv, k, p.lora);
+  load(model, p);
+  const double got = model.forward(p.inputs.data(), p.targets.data(), 1, 13, 0.0).sum;
+  const double ref = reference_loss_sum(merged);
+  EXPECT_NEAR(got, ref, 1e-10 * std::abs(ref));
+}
+
+TEST(LlamaModel, FreshLoraLeavesTheModelUnchangedAndFrozenWeightsGetNoGradient) {
+  const Problem p = make_problem(tiny_config(false, 1), freqkv_config(6, 1, 0.5), 1, 13, 17);
+  CpuKernels<double> k;
+  LlamaModel<double> model(p.config, p.freqkv, k, lora_config({"q_proj", "o_proj"}));
+  for (size_t i = 0; i < model.param_table().size(); ++i)
+    if (!model.param_table()[i].is_lora())
+      model.set_param(i, p.weights.at(model.param_table()[i].name).data());
+  model.init_lora(5);
+  const double base = reference_loss_sum(p);
+  for (size_t i = 0; i < model.param_table().size(); ++i)
+    model.set_trainable(i, model.param_table()[i].is_lora());
+  model.zero_grads();
+  const double got = model.forward(p.inputs.data(), p.targets.data(), 1, 13, 1.0).sum;
+  model.backward();
+  EXPECT_NEAR(got, base, 1e-10 * std::abs(base));
+  for (size_t i = 0; i < model.param_table().size(); ++i) {
+    const ParamSpec& s = model.param_table()[i];
+    double norm = 0;
+    for (double g : model.get_grad_f64(i)) norm += g * g;
+    if (s.role == ParamRole::kLoraB) {
+      EXPECT_GT(norm, 0.0) << s.name;  // B = 0 still learns
+    } else if (s.role == ParamRole::kWeight && s.shape.size() == 2) {
+      EXPECT_EQ(norm, 0.0) << s.name;
+    }
+  }
 }
 
 TEST(LlamaModel, RejectsTokensOutsideTheVocabulary) {
