@@ -1,0 +1,62 @@
+// AdamW over a model's trainable parameters, with fp32 master weights and states living on the
+// model's backend (PyTorch's torch.optim.AdamW semantics; decoupled weight decay, not applied to
+// 1-D norm weights, as Hugging Face's Trainer does). Frozen parameters keep no state.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/llama_model.h"
+
+namespace freqkv {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+// The optimiser state of one parameter, as fp32 host arrays (checkpoints, resharding).
+struct AdamWParamState {
+  std::vector<float> master, exp_avg, exp_avg_sq;
+};
+
+template <typename T>
+class AdamW {
+ public:
+  // Takes the model's current (trainable) parameters as the master weights.
+  AdamW(LlamaModel<T>& model, const AdamWOptions& options);
+
+  // The global L2 norm of the trainable parameters' gradients.
+  double grad_norm();
+  // One update of every trainable parameter with learning rate lr, the gradients multiplied by
+  // grad_scale first (gradient clipping). Writes the new weights back into the model.
+  void step(double lr, double grad_scale);
+
+  int64_t step_count() const { return step_count_; }
+  void set_step_count(int64_t steps) { step_count_ = steps; }
+  // Parameter indices (into the model's table) that have state, in table order.
+  const std::vector<size_t>& param_indices() const { return indices_; }
+  AdamWParamState get_state(size_t param_index);
+  // Restores a parameter's state; also writes master into the model's weights.
+  void set_state(size_t param_index, const AdamWParamState& state);
+
+ private:
+  struct Slot {
+    size_t param;
+    int64_t numel;
+    Buffer<float> master, exp_avg, exp_avg_sq;
+    bool decay;
+  };
+  Slot& slot(size_t param_index);
+
+  LlamaModel<T>& model_;
+  AdamWOptions options_;
+  std::vector<Slot> slots_;
+  std::vector<size_t> indices_;
+  int64_t step_count_ = 0;
+};
+
+}  // namespace freqkv
