@@ -11,6 +11,7 @@ packages=(
   libopenmpi-dev openmpi-bin libhdf5-openmpi-dev   # ranks and parallel HDF5 checkpoints
   libgtest-dev googletest    # tests
   python3-torch python3-numpy                      # the independent PyTorch reference checks
+  python3-matplotlib                               # launch/plot_metrics.py
 )
 
 missing=()

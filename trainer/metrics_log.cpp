@@ -1,0 +1,64 @@
+#include "trainer/metrics_log.h"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+namespace freqkv {
+
+std::string format_duration(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
+  char buf[32];
+  if (s >= 3600)
+    std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
+                  static_cast<long long>(s / 60 % 60), static_cast<long long>(s % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lld:%02lld", static_cast<long long>(s / 60),
+                  static_cast<long long>(s % 60));
+  return buf;
+}
+
+MetricsLog::MetricsLog(const std::string& metrics_path) : path_(metrics_path) {
+  const std::filesystem::path p(metrics_path);
+  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path());
+  out_.open(metrics_path, std::ios::app);
+  if (!out_) throw std::runtime_error("cannot open metrics file " + metrics_path + " for writing");
+}
+
+void MetricsLog::log_step(const StepMetrics& m, int64_t steps_done_here) {
+  const double per_step = steps_done_here > 0 ? m.elapsed_seconds / steps_done_here : 0.0;
+  const double eta = per_step * static_cast<double>(m.total_steps - m.step);
+  std::printf("step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | elapsed %s | "
+              "eta %s\n",
+              static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr,
+              m.grad_norm, m.tokens_per_second, format_duration(m.elapsed_seconds).c_str(),
+              format_duration(eta).c_str());
+  std::fflush(stdout);
+  out_ << nlohmann::json{{"step", m.step},           {"loss", m.loss},
+                         {"lr", m.lr},               {"grad_norm", m.grad_norm},
+                         {"tokens", m.tokens},       {"tokens_per_second", m.tokens_per_second},
+                         {"elapsed", m.elapsed_seconds}}
+              .dump()
+       << "\n";
+  out_.flush();
+}
+
+void MetricsLog::log_validation(int64_t step, double loss, int64_t tokens) {
+  std::printf("step %6lld | validation loss %.4f | ppl %.2f | %lld tokens\n",
+              static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));
+  std::fflush(stdout);
+  out_ << nlohmann::json{{"step", step}, {"val_loss", loss}, {"val_tokens", tokens}}.dump() << "\n";
+  out_.flush();
+}
+
+void MetricsLog::log_event(int64_t step, const std::string& event, const std::string& detail) {
+  std::printf("step %6lld | %s: %s\n", static_cast<long long>(step), event.c_str(), detail.c_str());
+  std::fflush(stdout);
+  out_ << nlohmann::json{{"step", step}, {"event", event}, {"detail", detail}}.dump() << "\n";
+  out_.flush();
+}
+
+}  // namespace freqkv
