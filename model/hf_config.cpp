@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -103,9 +104,15 @@ ModelConfig read_hf_config(const std::string& config_json_path) {
     throw std::runtime_error("cannot open config '" + config_json_path +
                              "': " + std::strerror(errno));
   }
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse_hf_config(text.str(), config_json_path);
+}
+
+ModelConfig parse_hf_config(const std::string& json_text, const std::string& config_json_path) {
   json root;
   try {
-    root = json::parse(in);
+    root = json::parse(json_text);
   } catch (const json::exception& error) {
     throw std::runtime_error("config '" + config_json_path + "' is not valid JSON: " +
                              error.what());
@@ -172,6 +179,10 @@ ModelConfig read_hf_config(const std::string& config_json_path) {
 }
 
 void write_hf_config(const ModelConfig& config, const std::string& path) {
+  write_text_atomically(path, hf_config_json(config));
+}
+
+std::string hf_config_json(const ModelConfig& config) {
   nlohmann::ordered_json root;
   root["architectures"] = {"LlamaForCausalLM"};
   root["model_type"] = "llama";
@@ -193,7 +204,7 @@ void write_hf_config(const ModelConfig& config, const std::string& path) {
   root["max_position_embeddings"] = config.max_position_embeddings;
   root["bos_token_id"] = config.bos_token_id;
   root["eos_token_id"] = config.eos_token_id;
-  write_text_atomically(path, root.dump(2) + "\n");
+  return root.dump(2) + "\n";
 }
 
 }  // namespace freqkv

@@ -20,4 +20,8 @@ ModelConfig read_hf_config(const std::string& config_json_path);
 // (path + ".tmp", then rename).
 void write_hf_config(const ModelConfig& config, const std::string& path);
 
+// The same from/to JSON text (a config stored inside a checkpoint); source names it in errors.
+ModelConfig parse_hf_config(const std::string& json_text, const std::string& source);
+std::string hf_config_json(const ModelConfig& config);
+
 }  // namespace freqkv

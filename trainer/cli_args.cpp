@@ -10,11 +10,22 @@ ArgParser::ArgParser(std::string command, std::string summary)
 
 void ArgParser::option(const std::string& name, const std::string& value_name,
                        const std::string& help, const std::string& default_value, bool required) {
-  options_.push_back({name, value_name, help, default_value, true, required});
+  options_.push_back({name, value_name, help, default_value, true, required, false});
+}
+
+void ArgParser::repeated_option(const std::string& name, const std::string& value_name,
+                                const std::string& help) {
+  options_.push_back({name, value_name, help + " (repeatable)", "", true, false, true});
+}
+
+std::vector<std::string> ArgParser::get_all(const std::string& name) const {
+  find(name);
+  auto it = repeated_values_.find(name);
+  return it == repeated_values_.end() ? std::vector<std::string>{} : it->second;
 }
 
 void ArgParser::flag(const std::string& name, const std::string& help) {
-  options_.push_back({name, "", help, "", false, false});
+  options_.push_back({name, "", help, "", false, false, false});
 }
 
 void ArgParser::positionals(const std::string& value_name, const std::string& help) {
@@ -61,6 +72,7 @@ void ArgParser::parse(const std::vector<std::string>& args) {
       value = args[++i];
     }
     values_[name] = value;
+    if (o.repeated) repeated_values_[name].push_back(value);
   }
   for (const Option& o : options_)
     if (o.required && !values_.count(o.name))

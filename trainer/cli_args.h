@@ -22,6 +22,9 @@ class ArgParser {
   // An option taking a value (--name VALUE or --name=VALUE). default_value empty: no default.
   void option(const std::string& name, const std::string& value_name, const std::string& help,
               const std::string& default_value = "", bool required = false);
+  // An option that may be given several times (--set a=1 --set b=2); get_all() returns them.
+  void repeated_option(const std::string& name, const std::string& value_name,
+                       const std::string& help);
   // A flag without a value.
   void flag(const std::string& name, const std::string& help);
   // Accepts bare arguments (e.g. input files), collected in order; without it they are errors.
@@ -34,6 +37,7 @@ class ArgParser {
   bool given(const std::string& name) const;  // set on the command line (not by default)
   bool flag_set(const std::string& name) const;
   std::string get(const std::string& name) const;
+  std::vector<std::string> get_all(const std::string& name) const;
   int64_t get_int(const std::string& name) const;
   double get_double(const std::string& name) const;
   const std::vector<std::string>& positional_values() const { return positional_values_; }
@@ -42,13 +46,14 @@ class ArgParser {
  private:
   struct Option {
     std::string name, value_name, help, default_value;
-    bool takes_value, required;
+    bool takes_value, required, repeated;
   };
   const Option& find(const std::string& name) const;
 
   std::string command_, summary_;
   std::vector<Option> options_;
   std::map<std::string, std::string> values_;
+  std::map<std::string, std::vector<std::string>> repeated_values_;
   std::string positional_name_, positional_help_;
   std::vector<std::string> positional_values_;
   bool help_requested_ = false;

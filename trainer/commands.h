@@ -10,5 +10,7 @@ namespace freqkv {
 int run_eval_loss(const std::vector<std::string>& args);
 int run_init_model(const std::vector<std::string>& args);
 int run_tokenize(const std::vector<std::string>& args);
+int run_train(const std::vector<std::string>& args);
+int run_export(const std::vector<std::string>& args);
 
 }  // namespace freqkv

@@ -18,6 +18,9 @@ struct Subcommand {
 
 const std::vector<Subcommand>& subcommands() {
   static const std::vector<Subcommand> list = {
+      {"train", "fine-tune a model with FreqKV attention from a YAML config", freqkv::run_train},
+      {"export", "write a checkpoint as a Hugging Face directory (LoRA merged) or PEFT adapter",
+       freqkv::run_export},
       {"eval-loss", "next-token loss (and optionally its gradients) of a model on a token file",
        freqkv::run_eval_loss},
       {"init-model", "write a randomly initialised Hugging Face LLaMA directory from a config.json",

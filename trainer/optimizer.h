@@ -35,6 +35,7 @@ class AdamW {
   // grad_scale first (gradient clipping). Writes the new weights back into the model.
   void step(double lr, double grad_scale);
 
+  LlamaModel<T>& model() { return model_; }
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t steps) { step_count_ = steps; }
   // Parameter indices (into the model's table) that have state, in table order.

@@ -1,0 +1,69 @@
+// freqkv train: a FreqKV fine-tune from a YAML config (see configs/README.md).
+#include <cstdio>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "trainer/cli_args.h"
+#include "trainer/commands.h"
+#include "trainer/training_run.h"
+
+namespace freqkv {
+
+namespace {
+
+template <typename T>
+int train_with(const TrainConfig& config, int64_t stop_at) {
+  CpuKernels<T> kernels;
+  TrainingRun<T> run(config, kernels);
+  const TrainSummary s = run.run(stop_at);
+  std::printf("freqkv train: done: steps %lld..%lld, last loss %.4f", static_cast<long long>(s.first_step),
+              static_cast<long long>(s.last_step), s.last_loss);
+  if (s.last_validation_loss >= 0) std::printf(", validation loss %.4f", s.last_validation_loss);
+  std::printf("\nfreqkv train: last checkpoint %s\n",
+              s.last_checkpoint.empty() ? "(none written)" : s.last_checkpoint.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int run_train(const std::vector<std::string>& args) {
+  ArgParser p("train", "Fine-tunes a LLaMA model with FreqKV attention as CONFIG.yaml says "
+                       "(defaults and every key: configs/README.md).");
+  p.positionals("CONFIG.yaml", "the training config (recipes in configs/)");
+  p.repeated_option("set", "KEY=VALUE", "override one config key, e.g. optimizer.lr=1e-4");
+  p.option("resume", "latest|PATH", "resume from the newest checkpoint of the run, or a file");
+  p.option("stop-at", "STEP", "stop after this step (with a checkpoint); resume later with "
+                              "--resume latest");
+  p.flag("dump-config", "print the resolved config as YAML and exit");
+  p.parse(args);
+  if (p.help_requested()) {
+    std::printf("%s", p.usage().c_str());
+    return 0;
+  }
+  if (p.positional_values().size() != 1)
+    throw UsageError("expected exactly one CONFIG.yaml, got " +
+                     std::to_string(p.positional_values().size()));
+  std::vector<std::string> overrides = p.get_all("set");
+  if (p.given("resume")) overrides.push_back("checkpoint.resume=" + p.get("resume"));
+  const TrainConfig config = load_train_config(p.positional_values()[0], overrides);
+  if (p.flag_set("dump-config")) {
+    std::printf("%s", config.resolved_yaml.c_str());
+    return 0;
+  }
+  const int64_t stop_at = p.given("stop-at") ? p.get_int("stop-at") : -1;
+  if (p.given("stop-at") && stop_at < 1) throw UsageError("--stop-at must be >= 1");
+  switch (config.device) {
+    case TrainDevice::Cpu:
+      if (config.precision == TrainPrecision::FP32) return train_with<float>(config, stop_at);
+      if (config.precision == TrainPrecision::FP64) return train_with<double>(config, stop_at);
+      throw std::invalid_argument(std::string("precision ") +
+                                  train_precision_name(config.precision) +
+                                  " is not available on the CPU: use fp32 or fp64");
+    case TrainDevice::Cuda:
+      throw std::invalid_argument(
+          "device: cuda — training on the GPU is not available in this build yet; use "
+          "device: cpu");
+  }
+  return 1;
+}
+
+}  // namespace freqkv

@@ -1,0 +1,103 @@
+#include "trainer/model_checkpoint.h"
+
+#include <set>
+#include <stdexcept>
+
+#include "model/hf_config.h"
+#include "trainer/train_setup.h"
+
+namespace freqkv {
+
+namespace {
+
+const char* kStateGroups[] = {"optimizer/master/", "optimizer/exp_avg/", "optimizer/exp_avg_sq/"};
+
+}  // namespace
+
+template <typename T>
+void save_training_checkpoint(const std::string& path, LlamaModel<T>& model, AdamW<T>& optimizer,
+                              int64_t step, const std::string& config_yaml) {
+  CheckpointWriter writer(path);
+  writer.set_attribute("step", step);
+  writer.set_attribute("optimizer_step", optimizer.step_count());
+  writer.set_attribute("config_yaml", config_yaml);
+  writer.set_attribute("model_config_json", hf_config_json(model.config()));
+  const ParamTable& table = model.param_table();
+  for (size_t i = 0; i < table.size(); ++i) {
+    const std::vector<float> values = model.get_param(i);
+    writer.write_tensor("model/" + table[i].name, table[i].shape, values.data());
+  }
+  for (size_t i : optimizer.param_indices()) {
+    const AdamWParamState s = optimizer.get_state(i);
+    const std::vector<float>* parts[] = {&s.master, &s.exp_avg, &s.exp_avg_sq};
+    for (int p = 0; p < 3; ++p)
+      writer.write_tensor(kStateGroups[p] + table[i].name, table[i].shape, parts[p]->data());
+  }
+  writer.commit();
+}
+
+template <typename T>
+void load_checkpoint_weights(const CheckpointReader& reader, LlamaModel<T>& model) {
+  const ParamTable& table = model.param_table();
+  for (const std::string& name : reader.tensor_names("model")) {
+    const std::string param = name.substr(std::string("model/").size());
+    if (table.find(param) < 0)
+      throw std::runtime_error("checkpoint " + reader.path() + " holds " + param +
+                               ", which this model does not have (different architecture or "
+                               "LoRA targets?)");
+  }
+  for (size_t i = 0; i < table.size(); ++i) {
+    const std::string name = "model/" + table[i].name;
+    if (!reader.has_tensor(name))
+      throw std::runtime_error("checkpoint " + reader.path() + " has no tensor " + table[i].name +
+                               " " + shape_string(table[i].shape));
+    if (reader.shape(name) != table[i].shape)
+      throw std::runtime_error("checkpoint " + reader.path() + ": " + table[i].name + " is " +
+                               shape_string(reader.shape(name)) + ", the model expects " +
+                               shape_string(table[i].shape));
+    const std::vector<float> values = reader.read_tensor(name);
+    model.set_param(i, values.data());
+  }
+}
+
+template <typename T>
+int64_t load_checkpoint_optimizer(const CheckpointReader& reader, AdamW<T>& optimizer) {
+  const ParamTable& table = optimizer.model().param_table();
+  AdamWParamState state;
+  std::vector<float>* parts[] = {&state.master, &state.exp_avg, &state.exp_avg_sq};
+  for (size_t i : optimizer.param_indices()) {
+    for (int p = 0; p < 3; ++p) {
+      const std::string name = kStateGroups[p] + table[i].name;
+      if (!reader.has_tensor(name))
+        throw std::runtime_error("checkpoint " + reader.path() + " has no optimiser state " + name +
+                                 ": the parameter was frozen when it was written (did "
+                                 "lora.trainable or lora.enabled change?)");
+      *parts[p] = reader.read_tensor(name);
+    }
+    optimizer.set_state(i, state);
+  }
+  optimizer.set_step_count(reader.int_attribute("optimizer_step"));
+  return reader.int_attribute("step");
+}
+
+ModelConfig checkpoint_model_config(const CheckpointReader& reader) {
+  return parse_hf_config(reader.string_attribute("model_config_json"),
+                         reader.path() + " (model_config_json)");
+}
+
+LoraConfig checkpoint_lora_config(const CheckpointReader& reader) {
+  const TrainConfig config = load_train_config_from_string(
+      reader.string_attribute("config_yaml"), {}, reader.path() + " (config_yaml)");
+  return lora_config_of(config);
+}
+
+template void save_training_checkpoint(const std::string&, LlamaModel<float>&, AdamW<float>&,
+                                       int64_t, const std::string&);
+template void save_training_checkpoint(const std::string&, LlamaModel<double>&, AdamW<double>&,
+                                       int64_t, const std::string&);
+template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<float>&);
+template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<double>&);
+template int64_t load_checkpoint_optimizer(const CheckpointReader&, AdamW<float>&);
+template int64_t load_checkpoint_optimizer(const CheckpointReader&, AdamW<double>&);
+
+}  // namespace freqkv

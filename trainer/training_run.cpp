@@ -1,0 +1,221 @@
+#include "trainer/training_run.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <stdexcept>
+
+#include "model/hf_checkpoint.h"
+#include "trainer/checkpoint_dir.h"
+#include "trainer/model_checkpoint.h"
+#include "trainer/train_setup.h"
+
+namespace freqkv {
+
+namespace {
+
+std::string human_count(int64_t n) {
+  char buf[32];
+  if (n >= 1000000000) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
+  else if (n >= 1000000) std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
+  else if (n >= 1000) std::snprintf(buf, sizeof buf, "%.1fK", n / 1e3);
+  else std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(n));
+  return buf;
+}
+
+}  // namespace
+
+template <typename T>
+TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels)
+    : config_(config), kernels_(kernels) {
+  std::filesystem::create_directories(config_.logging.run_dir);
+  {  // the resolved config next to the results, as it was at the start of this process
+    std::ofstream out(in_run_dir("config.yaml"));
+    out << config_.resolved_yaml;
+  }
+
+  // Resume point first: a checkpoint fixes the architecture.
+  const CheckpointDir checkpoints(in_run_dir(config_.checkpoint.dir));
+  std::string resume_path;
+  if (!config_.checkpoint.resume.empty()) resume_path = checkpoints.resolve(config_.checkpoint.resume);
+  std::optional<CheckpointReader> resume;
+  if (!resume_path.empty()) resume.emplace(CheckpointReader::open(resume_path));
+
+  const ModelConfig model_config = resume ? checkpoint_model_config(*resume) : model_config_of(config_);
+  model_ = std::make_unique<LlamaModel<T>>(model_config, config_.freqkv, kernels_,
+                                           lora_config_of(config_));
+  if (resume) {
+    load_checkpoint_weights(*resume, *model_);
+  } else if (!config_.model.path.empty()) {
+    load_hf_weights(*model_, SafetensorsReader::open_model_dir(config_.model.path));
+    model_->init_lora(config_.model.init_seed);
+  } else {
+    model_->init_random(config_.model.init_seed, config_.model.init_std);
+  }
+  const int64_t trained = apply_trainable(config_, *model_);
+  optimizer_ = std::make_unique<AdamW<T>>(
+      *model_, AdamWOptions{config_.optimizer.beta1, config_.optimizer.beta2, config_.optimizer.eps,
+                            config_.optimizer.weight_decay});
+  if (resume) start_step_ = load_checkpoint_optimizer(*resume, *optimizer_);
+
+  const DataSection& d = config_.data;
+  const bool heldout = d.validation.files.empty() && d.validation.fraction > 0;
+  sampler_ = std::make_unique<TokenSampler>(TokenSampler::open(
+      d.train, d.token_dtype, d.seq_len, heldout ? d.validation.fraction : 0.0, d.seed));
+  if (d.validation.every > 0) {
+    if (!d.validation.files.empty()) {
+      std::vector<TokenFile> files;
+      for (const std::string& f : d.validation.files) files.push_back(TokenFile::open(f, d.token_dtype));
+      validation_.emplace(TokenSampler::validation(files, d.seq_len));
+    } else if (heldout) {
+      validation_.emplace(sampler_->validation());
+    } else {
+      throw std::invalid_argument(
+          "data.validation.every is " + std::to_string(d.validation.every) +
+          " but there is no validation data: set data.validation.files or data.validation.fraction");
+    }
+  }
+  metrics_ = std::make_unique<MetricsLog>(in_run_dir(config_.logging.metrics_file));
+
+  const FreqKVConfig& f = config_.freqkv;
+  std::printf("freqkv train: model %s, %s parameters (%s trained%s), backend %s\n",
+              config_.model.path.empty() ? config_.model.init_config.c_str()
+                                         : config_.model.path.c_str(),
+              human_count(model_->param_table().total_numel()).c_str(), human_count(trained).c_str(),
+              config_.lora.enabled ? ", LoRA" : ", full fine-tuning", kernels_.name().c_str());
+  std::printf("freqkv train: %lld steps x %lld sequences x %lld tokens; attention: %s\n",
+              static_cast<long long>(config_.schedule.steps),
+              static_cast<long long>(d.batch_size * d.grad_accum), static_cast<long long>(d.seq_len),
+              f.enabled ? ("FreqKV cache " + std::to_string(f.cache) + " sink " +
+                           std::to_string(f.sink) + " ratio " + std::to_string(f.ratio))
+                              .c_str()
+                        : "full causal");
+  std::printf("freqkv train: run directory %s\n", config_.logging.run_dir.c_str());
+  if (resume) metrics_->log_event(start_step_, "resumed", resume_path);
+  std::fflush(stdout);
+}
+
+template <typename T>
+std::string TrainingRun<T>::in_run_dir(const std::string& path) const {
+  const std::filesystem::path p(path);
+  return p.is_absolute() ? path : (std::filesystem::path(config_.logging.run_dir) / p).string();
+}
+
+template <typename T>
+double TrainingRun<T>::validation_loss(int64_t* tokens) {
+  const int64_t B = config_.data.batch_size, T_len = config_.data.seq_len;
+  const int64_t windows = std::min(validation_->size(), config_.data.validation.batches * B);
+  std::vector<int32_t> window(static_cast<size_t>(T_len + 1)), inputs, targets;
+  LossSum total;
+  for (int64_t w0 = 0; w0 < windows; w0 += B) {
+    const int64_t batch = std::min(B, windows - w0);
+    inputs.resize(static_cast<size_t>(batch * T_len));
+    targets.resize(static_cast<size_t>(batch * T_len));
+    for (int64_t b = 0; b < batch; ++b) {
+      validation_->window(w0 + b, window.data());
+      std::copy(window.begin(), window.end() - 1, inputs.begin() + b * T_len);
+      std::copy(window.begin() + 1, window.end(), targets.begin() + b * T_len);
+    }
+    const LossSum s = model_->forward(inputs.data(), targets.data(), batch, T_len, 0.0);
+    total.sum += s.sum;
+    total.count += s.count;
+  }
+  *tokens = total.count;
+  return total.sum / static_cast<double>(total.count);
+}
+
+template <typename T>
+void TrainingRun<T>::save_checkpoint(int64_t step, TrainSummary& summary) {
+  const CheckpointDir dir(in_run_dir(config_.checkpoint.dir));
+  const std::string path = dir.path_for_step(step);
+  save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml);
+  if (config_.checkpoint.keep_last > 0) dir.prune(static_cast<int>(config_.checkpoint.keep_last));
+  summary.last_checkpoint = path;
+  metrics_->log_event(step, "checkpoint", path);
+}
+
+template <typename T>
+TrainSummary TrainingRun<T>::run(int64_t stop_at) {
+  const DataSection& d = config_.data;
+  const int64_t B = d.batch_size, T_len = d.seq_len, steps = config_.schedule.steps;
+  const int64_t last = stop_at >= 1 ? std::min(stop_at, steps) : steps;
+  TrainSummary summary;
+  summary.run_dir = config_.logging.run_dir;
+  summary.first_step = start_step_ + 1;
+  summary.last_step = start_step_;
+  if (start_step_ >= steps) {
+    std::printf("freqkv train: the checkpoint is at step %lld, the schedule ends at %lld: nothing "
+                "to do (raise schedule.steps to train further)\n",
+                static_cast<long long>(start_step_), static_cast<long long>(steps));
+    return summary;
+  }
+  std::vector<int32_t> window(static_cast<size_t>(T_len + 1));
+  std::vector<int32_t> inputs(static_cast<size_t>(B * T_len)), targets(inputs.size());
+  const auto start = std::chrono::steady_clock::now();
+  auto last_log = start;
+  int64_t tokens_since_log = 0;
+
+  for (int64_t step = start_step_ + 1; step <= last; ++step) {
+    model_->zero_grads();
+    const double grad_scale = 1.0 / static_cast<double>(d.grad_accum * B * T_len);
+    LossSum loss;
+    for (int64_t micro = 0; micro < d.grad_accum; ++micro) {
+      for (int64_t b = 0; b < B; ++b) {
+        sampler_->sample(step, micro * B + b, window.data());
+        std::copy(window.begin(), window.end() - 1, inputs.begin() + b * T_len);
+        std::copy(window.begin() + 1, window.end(), targets.begin() + b * T_len);
+      }
+      const LossSum s = model_->forward(inputs.data(), targets.data(), B, T_len, grad_scale);
+      model_->backward();
+      loss.sum += s.sum;
+      loss.count += s.count;
+    }
+    const double mean_loss = loss.sum / static_cast<double>(loss.count);
+    const double norm = optimizer_->grad_norm();
+    if (!std::isfinite(mean_loss) || !std::isfinite(norm))
+      throw std::runtime_error("training diverged at step " + std::to_string(step) + " (loss " +
+                               std::to_string(mean_loss) + ", gradient norm " +
+                               std::to_string(norm) + "); the last checkpoint is intact: lower "
+                               "optimizer.lr or raise schedule.warmup_steps and resume");
+    // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when above max_norm.
+    const double clip = config_.optimizer.grad_clip;
+    const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+    const double lr = learning_rate(config_, step);
+    optimizer_->step(lr, scale);
+    tokens_since_log += loss.count;
+    summary.last_step = step;
+    summary.last_loss = mean_loss;
+
+    if (step % config_.logging.every == 0 || step == last || step == start_step_ + 1) {
+      const auto now = std::chrono::steady_clock::now();
+      StepMetrics m;
+      m.step = step;
+      m.total_steps = steps;
+      m.loss = mean_loss;
+      m.lr = lr;
+      m.grad_norm = norm;
+      m.tokens = loss.count;
+      m.elapsed_seconds = std::chrono::duration<double>(now - start).count();
+      m.tokens_per_second = static_cast<double>(tokens_since_log) /
+                            std::max(1e-9, std::chrono::duration<double>(now - last_log).count());
+      metrics_->log_step(m, step - start_step_);
+      last_log = now;
+      tokens_since_log = 0;
+    }
+    if (validation_ && (step % d.validation.every == 0 || step == steps)) {
+      int64_t tokens = 0;
+      summary.last_validation_loss = validation_loss(&tokens);
+      metrics_->log_validation(step, summary.last_validation_loss, tokens);
+    }
+    if ((config_.checkpoint.every > 0 && step % config_.checkpoint.every == 0) || step == last)
+      save_checkpoint(step, summary);
+  }
+  return summary;
+}
+
+template class TrainingRun<float>;
+template class TrainingRun<double>;
+
+}  // namespace freqkv
