@@ -51,4 +51,27 @@ FreqKVSchedule FreqKVSchedule::build(int64_t seq_len, const FreqKVConfig& config
   return s;
 }
 
+std::vector<int64_t> partition_chunks(const FreqKVSchedule& schedule, int64_t parts) {
+  const int64_t n = static_cast<int64_t>(schedule.chunks.size());
+  if (parts < 1) throw std::invalid_argument("partition_chunks: parts must be >= 1");
+  if (n < parts)
+    throw std::invalid_argument(
+        "sequence parallelism: a sequence of " + std::to_string(schedule.seq_len) + " tokens has " +
+        std::to_string(n) + " FreqKV chunk(s), fewer than sp = " + std::to_string(parts) +
+        " ranks (each rank holds whole chunks): raise data.seq_len or lower parallel.sp");
+  std::vector<int64_t> bounds = {0};
+  int64_t tokens_before = 0;  // tokens of chunks [0, c)
+  for (int64_t c = 0; c < n && static_cast<int64_t>(bounds.size()) < parts; ++c) {
+    tokens_before += schedule.chunks[c].n_tokens;
+    const int64_t parts_done = static_cast<int64_t>(bounds.size());
+    const int64_t chunks_left = n - (c + 1), parts_left = parts - parts_done;
+    // Close part parts_done - 1 after chunk c once it reached its share of the tokens, or when
+    // every remaining part needs one of the remaining chunks.
+    if (tokens_before * parts >= schedule.seq_len * parts_done || chunks_left == parts_left)
+      bounds.push_back(c + 1);
+  }
+  bounds.push_back(n);
+  return bounds;
+}
+
 }  // namespace freqkv

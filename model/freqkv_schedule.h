@@ -49,4 +49,9 @@ struct FreqKVSchedule {
   static FreqKVSchedule build(int64_t seq_len, const FreqKVConfig& config);
 };
 
+// Sequence parallelism: splits the chunks among `parts` ranks, contiguous and as even in tokens as
+// the chunk sizes allow. Returns parts + 1 boundaries: rank r holds chunks [b[r], b[r + 1]).
+// Throws std::invalid_argument when there are fewer chunks than ranks (naming both).
+std::vector<int64_t> partition_chunks(const FreqKVSchedule& schedule, int64_t parts);
+
 }  // namespace freqkv

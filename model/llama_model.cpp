@@ -9,10 +9,12 @@ namespace freqkv {
 
 template <typename T>
 LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
-                          Kernels<T>& kernels, const LoraConfig& lora)
+                          Kernels<T>& kernels, const LoraConfig& lora,
+                          const ModelParallel& parallel)
     : config_(config),
       freqkv_(freqkv),
       lora_(lora),
+      parallel_(parallel),
       kernels_(kernels),
       table_(llama_param_table(config, lora)) {
   if (freqkv_.enabled) freqkv_.validate();
@@ -110,27 +112,72 @@ void LlamaModel<T>::zero_grads() {
 }
 
 template <typename T>
+SequenceShard LlamaModel<T>::sequence_shard(int64_t seq_len) const {
+  const FreqKVSchedule schedule = FreqKVSchedule::build(seq_len, freqkv_);
+  const int64_t sp_size = parallel_.sp ? parallel_.sp->size() : 1;
+  const int64_t sp_rank = parallel_.sp ? parallel_.sp->rank() : 0;
+  const std::vector<int64_t> bounds = partition_chunks(schedule, sp_size);
+  SequenceShard sh;
+  sh.chunk_begin = bounds[sp_rank];
+  sh.chunk_end = bounds[sp_rank + 1];
+  const FreqKVChunk& first = schedule.chunks[sh.chunk_begin];
+  const FreqKVChunk& last = schedule.chunks[sh.chunk_end - 1];
+  sh.token_begin = first.token_start;
+  sh.tokens = last.token_start + last.n_tokens - first.token_start;
+  sh.kv_begin = first.kv_start;
+  sh.kv_rows = last.kv_start + last.kv_len - first.kv_start;
+  const int64_t S = freqkv_.sink;
+  for (int64_t g = 0; g + 1 < static_cast<int64_t>(schedule.chunks.size()); ++g) {
+    FreqKVCompression c = schedule.compressions[g];  // chunk g -> chunk g + 1
+    const bool src_here = g >= sh.chunk_begin && g < sh.chunk_end;
+    const bool dst_here = g + 1 >= sh.chunk_begin && g + 1 < sh.chunk_end;
+    c.src_row -= sh.kv_begin;
+    c.dst_row -= sh.kv_begin;
+    if (src_here && dst_here) sh.compressions.push_back(c);
+    if (!src_here && dst_here) sh.memory_in_row = c.dst_row;
+    if (src_here && !dst_here) sh.memory_out_row = c.src_row;
+  }
+  sh.receives_sinks = sp_size > 1 && S > 0 && schedule.chunks.size() > 1;
+  return sh;
+}
+
+template <typename T>
 void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   if (batch == batch_ && seq_len == seq_len_) return;
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   const int64_t q_width = c.num_attention_heads * c.head_dim;
   const int64_t kv_width = 2 * c.num_key_value_heads * c.head_dim;  // K columns, then V columns
-  const int64_t N = batch * seq_len;
 
   schedule_ = FreqKVSchedule::build(seq_len, freqkv_);
-  const int64_t R = schedule_.kv_rows;
+  shard_ = sequence_shard(seq_len);
+  const SequenceShard& sh = shard_;
+  const int64_t T_local = sh.tokens, R = sh.kv_rows, S = freqkv_.sink;
+  const int64_t N = batch * T_local;
+  // kv_ext_ rows: [received sink rows of every sequence | this rank's tokens of every sequence].
+  sink_rows_ = sh.receives_sinks ? batch * S : 0;
   blocks_.clear();
   std::vector<int64_t> kv_source;
   std::vector<int32_t> kv_positions, query_positions;
   for (int64_t b = 0; b < batch; ++b) {
-    for (const FreqKVChunk& ch : schedule_.chunks)
-      blocks_.push_back({b * seq_len + ch.token_start, ch.n_tokens, b * R + ch.kv_start, ch.kv_len});
-    for (int64_t src : schedule_.kv_source) kv_source.push_back(src < 0 ? -1 : b * seq_len + src);
-    kv_positions.insert(kv_positions.end(), schedule_.kv_positions.begin(),
-                        schedule_.kv_positions.end());
-    query_positions.insert(query_positions.end(), schedule_.query_positions.begin(),
-                           schedule_.query_positions.end());
+    for (int64_t g = sh.chunk_begin; g < sh.chunk_end; ++g) {
+      const FreqKVChunk& ch = schedule_.chunks[g];
+      blocks_.push_back({b * T_local + ch.token_start - sh.token_begin, ch.n_tokens,
+                         b * R + ch.kv_start - sh.kv_begin, ch.kv_len});
+    }
+    for (int64_t r = sh.kv_begin; r < sh.kv_begin + R; ++r) {
+      const int64_t src = schedule_.kv_source[r];
+      if (src < 0) {
+        kv_source.push_back(-1);
+      } else if (src >= sh.token_begin && src < sh.token_begin + T_local) {
+        kv_source.push_back(sink_rows_ + b * T_local + src - sh.token_begin);
+      } else {  // a sink token held by sp rank 0
+        kv_source.push_back(b * S + src);
+      }
+      kv_positions.push_back(schedule_.kv_positions[r]);
+    }
+    query_positions.insert(query_positions.end(), schedule_.query_positions.begin() + sh.token_begin,
+                           schedule_.query_positions.begin() + sh.token_begin + T_local);
   }
   kv_source_ = upload_array(kernels_, kv_source);
   kv_positions_ = upload_array(kernels_, kv_positions);
@@ -165,14 +212,17 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   final_rstd_ = Buffer<Acc<T>>(kernels_, N);
   losses_ = Buffer<Acc<T>>(kernels_, N);
   logits_ = Buffer<T>(kernels_, std::min(classifier_rows_, N) * c.vocab_size);
-  kv_scratch_ = Buffer<T>(kernels_, N * kv_width);
+  kv_ext_ = Buffer<T>(kernels_, (sink_rows_ + N) * kv_width);
+  memory_buffer_ = Buffer<T>(
+      kernels_, sh.memory_in_row >= 0 || sh.memory_out_row >= 0
+                    ? batch * freqkv_.compressed() * kv_width : 0);
 
   d_residual_ = Buffer<T>(kernels_, N * H);
   d_final_norm_ = Buffer<T>(kernels_, N * H);
   d_norm_ = Buffer<T>(kernels_, N * H);
   d_q_ = Buffer<T>(kernels_, N * q_width);
   d_kv_rows_ = Buffer<T>(kernels_, batch * R * kv_width);
-  d_kv_ = Buffer<T>(kernels_, N * kv_width);
+  d_kv_ext_ = Buffer<T>(kernels_, (sink_rows_ + N) * kv_width);
   d_att_ = Buffer<T>(kernels_, N * q_width);
   d_swiglu_ = Buffer<T>(kernels_, N * I);
   d_gate_ = Buffer<T>(kernels_, N * I);
@@ -188,9 +238,9 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
 template <typename T>
 void LlamaModel<T>::apply_compressions(T* kv_rows, bool backward) {
   const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
-  const auto& steps = schedule_.compressions;
+  const auto& steps = shard_.compressions;
   for (int64_t b = 0; b < batch_; ++b) {
-    T* base = kv_rows + b * schedule_.kv_rows * width;
+    T* base = kv_rows + b * shard_.kv_rows * width;
     if (!backward) {
       for (const FreqKVCompression& s : steps)
         kernels_.freqkv_compress(base + s.dst_row * width, width, base + s.src_row * width, width,
@@ -241,6 +291,82 @@ void LlamaModel<T>::linear_backward(const Linear& lin, const Buffer<T>& xa, cons
   k.gemm(false, false, N, lin.in, r, 1.0, d_xa, r, param(lin.lora_a), lin.in, 1.0, dx, ld_dx);
 }
 
+// ---- sequence parallelism: what crosses ranks ---------------------------------------------------
+// Forward: the S sink rows of every sequence from sp rank 0 (broadcast) and the L-row memory
+// entering the first local chunk from the previous rank (recv); the memory leaving the last local
+// chunk goes to the next rank (send). Backward: the adjoints -- the memory gradient goes back
+// (send <-> recv reversed) and the sink gradients of all ranks are summed on rank 0.
+
+template <typename T>
+void LlamaModel<T>::exchange_sinks_forward(T* kv_ext) {
+  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim, S = freqkv_.sink;
+  Communicator& sp = *parallel_.sp;
+  if (sp.rank() == 0)  // rank 0 holds tokens 0..S-1 of every sequence
+    for (int64_t b = 0; b < batch_; ++b)
+      kernels_.copy_on_device(kv_ext + b * S * width, kv_ext + (sink_rows_ + b * shard_.tokens) * width,
+                              static_cast<size_t>(S * width) * sizeof(T));
+  sp.broadcast(kv_ext, sink_rows_ * width, 0);
+}
+
+template <typename T>
+void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
+  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim, S = freqkv_.sink;
+  Communicator& sp = *parallel_.sp;
+  sp.reduce_sum_to(d_kv_ext, sink_rows_ * width, 0);
+  if (sp.rank() == 0)
+    for (int64_t b = 0; b < batch_; ++b)
+      kernels_.axpy(d_kv_ext + (sink_rows_ + b * shard_.tokens) * width, 1.0,
+                    d_kv_ext + b * S * width, S * width);
+}
+
+template <typename T>
+void LlamaModel<T>::memory_in_forward(T* kv_rows) {
+  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t L = freqkv_.compressed();
+  Communicator& sp = *parallel_.sp;
+  sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
+  for (int64_t b = 0; b < batch_; ++b)
+    kernels_.copy_on_device(kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width,
+                            memory_buffer_.data() + b * L * width,
+                            static_cast<size_t>(L * width) * sizeof(T));
+}
+
+template <typename T>
+void LlamaModel<T>::memory_in_backward(const T* d_kv_rows) {
+  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t L = freqkv_.compressed();
+  Communicator& sp = *parallel_.sp;
+  for (int64_t b = 0; b < batch_; ++b)
+    kernels_.copy_on_device(memory_buffer_.data() + b * L * width,
+                            d_kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width,
+                            static_cast<size_t>(L * width) * sizeof(T));
+  sp.send(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
+}
+
+template <typename T>
+void LlamaModel<T>::memory_out_forward(const T* kv_rows) {
+  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
+  Communicator& sp = *parallel_.sp;
+  for (int64_t b = 0; b < batch_; ++b)
+    kernels_.freqkv_compress(memory_buffer_.data() + b * L * width, width,
+                             kv_rows + (b * shard_.kv_rows + shard_.memory_out_row) * width, width,
+                             F, L, width);
+  sp.send(memory_buffer_.data(), batch_ * L * width, sp.rank() + 1);
+}
+
+template <typename T>
+void LlamaModel<T>::memory_out_backward(T* d_kv_rows) {
+  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
+  Communicator& sp = *parallel_.sp;
+  sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() + 1);
+  for (int64_t b = 0; b < batch_; ++b)
+    kernels_.freqkv_compress_backward(
+        d_kv_rows + (b * shard_.kv_rows + shard_.memory_out_row) * width, width,
+        memory_buffer_.data() + b * L * width, width, F, L, width);
+}
+
 template <typename T>
 void LlamaModel<T>::layer_forward(int64_t l) {
   const ModelConfig& c = config_;
@@ -256,15 +382,19 @@ void LlamaModel<T>::layer_forward(int64_t l) {
   // Attention block: q/k/v projections of the normalised input; K and V side by side per token.
   k.rmsnorm_forward(a.norm1.data(), a.rstd1.data(), x, param(p.input_norm), N, H, c.rms_norm_eps);
   linear_forward(p.linear[kQ], a.lora_xa[kQ], a.norm1.data(), H, a.q.data(), q_width, 0.0);
-  T* kv = kv_scratch_.data();
+  T* kv = kv_ext_.data() + sink_rows_ * kv_width;  // this rank's tokens
   linear_forward(p.linear[kK], a.lora_xa[kK], a.norm1.data(), H, kv, kv_width, 0.0);
   linear_forward(p.linear[kV], a.lora_xa[kV], a.norm1.data(), H, kv + k_width, kv_width, 0.0);
 
   // FreqKV: lay out [sink ; memory ; chunk] rows, compress pre-RoPE keys and values chunk by
-  // chunk, then rotate keys and queries with their cache-layout positions.
+  // chunk, then rotate keys and queries with their cache-layout positions. Under sequence
+  // parallelism the sinks come from the first rank and the first memory from the previous one.
   T* kv_rows = a.kv_rows.data();
-  k.gather_rows(kv_rows, kv_width, kv, kv_width, kv_source_.data(), kv_rows_, kv_width);
+  if (shard_.receives_sinks) exchange_sinks_forward(kv_ext_.data());
+  k.gather_rows(kv_rows, kv_width, kv_ext_.data(), kv_width, kv_source_.data(), kv_rows_, kv_width);
+  if (shard_.memory_in_row >= 0) memory_in_forward(kv_rows);
   apply_compressions(kv_rows, false);
+  if (shard_.memory_out_row >= 0) memory_out_forward(kv_rows);
   k.rope(kv_rows, kv_width, kv_rows, kv_width, kv_positions_.data(), kv_rows_, static_cast<int>(Hkv),
          static_cast<int>(D), c.rope_theta, false);
   k.rope(a.q.data(), q_width, a.q.data(), q_width, query_positions_.data(), N, static_cast<int>(Hq),
@@ -293,7 +423,8 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
     throw std::invalid_argument("forward: batch and sequence length must be >= 1, got batch=" +
                                 std::to_string(batch) + " seq_len=" + std::to_string(seq_len));
   const ModelConfig& c = config_;
-  const int64_t N = batch * seq_len, V = c.vocab_size, H = c.hidden_size;
+  prepare(batch, seq_len);
+  const int64_t N = n_tokens_, V = c.vocab_size, H = c.hidden_size;
   LossSum result;
   for (int64_t n = 0; n < N; ++n) {
     if (inputs[n] < 0 || inputs[n] >= V)
@@ -306,7 +437,6 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
                               " is outside the vocabulary [0, " + std::to_string(V) + ")");
     if (targets[n] >= 0) ++result.count;
   }
-  prepare(batch, seq_len);
   Kernels<T>& k = kernels_;
   k.copy_to_device(inputs_.data(), inputs, static_cast<size_t>(N) * sizeof(int32_t));
   k.copy_to_device(targets_.data(), targets, static_cast<size_t>(N) * sizeof(int32_t));
@@ -375,10 +505,14 @@ void LlamaModel<T>::layer_backward(int64_t l) {
          static_cast<int>(Hq), static_cast<int>(D), c.rope_theta, true);
   k.rope(d_kv_rows, kv_width, d_kv_rows, kv_width, kv_positions_.data(), kv_rows_,
          static_cast<int>(Hkv), static_cast<int>(D), c.rope_theta, true);
+  if (shard_.memory_out_row >= 0) memory_out_backward(d_kv_rows);
   apply_compressions(d_kv_rows, true);
-  T* d_kv = d_kv_.data();
-  k.fill_zero(d_kv, static_cast<size_t>(N * kv_width) * sizeof(T));
-  k.scatter_add_rows(d_kv, kv_width, d_kv_rows, kv_width, kv_source_.data(), kv_rows_, kv_width);
+  if (shard_.memory_in_row >= 0) memory_in_backward(d_kv_rows);
+  k.fill_zero(d_kv_ext_.data(), static_cast<size_t>((sink_rows_ + N) * kv_width) * sizeof(T));
+  k.scatter_add_rows(d_kv_ext_.data(), kv_width, d_kv_rows, kv_width, kv_source_.data(), kv_rows_,
+                     kv_width);
+  if (shard_.receives_sinks) exchange_sinks_backward(d_kv_ext_.data());
+  T* d_kv = d_kv_ext_.data() + sink_rows_ * kv_width;
 
   linear_backward(p.linear[kQ], a.lora_xa[kQ], d_q_.data(), q_width, a.norm1.data(), H,
                   d_norm_.data(), H, 0.0);

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "kernels/kernels.h"
 #include "model/freqkv_schedule.h"
 #include "model/model_config.h"
@@ -23,11 +24,30 @@ struct LossSum {
   int64_t count = 0;  // tokens with a target (targets < 0 are ignored)
 };
 
+// The groups a model shards itself over (nullptr: not parallel in that dimension).
+//   sp: the FreqKV chunks of each sequence are split among the ranks (see SequenceShard).
+struct ModelParallel {
+  Communicator* sp = nullptr;
+};
+
+// This rank's share of every sequence under sequence parallelism (all of it with sp = 1): whole
+// chunks, so that only the sink rows and the one memory entering the first chunk come from other
+// ranks -- per layer L + S rows of keys/values, whatever the sequence length.
+struct SequenceShard {
+  int64_t chunk_begin = 0, chunk_end = 0;  // chunks [begin, end) of the schedule
+  int64_t token_begin = 0, tokens = 0;     // tokens [begin, begin + tokens) of each sequence
+  int64_t kv_begin = 0, kv_rows = 0;       // rows of the schedule's kv buffer held here
+  int64_t memory_in_row = -1;   // local kv row of the memory received from the previous rank
+  int64_t memory_out_row = -1;  // local kv row the compression for the next rank reads from
+  std::vector<FreqKVCompression> compressions;  // those inside the shard, local rows
+  bool receives_sinks = false;  // sink rows come from sp rank 0 (sp > 1, S > 0, > 1 chunk)
+};
+
 template <typename T>
 class LlamaModel {
  public:
   LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv, Kernels<T>& kernels,
-             const LoraConfig& lora = LoraConfig());
+             const LoraConfig& lora = LoraConfig(), const ModelParallel& parallel = {});
 
   const ModelConfig& config() const { return config_; }
   const FreqKVConfig& freqkv_config() const { return freqkv_; }
@@ -60,7 +80,13 @@ class LlamaModel {
   void set_trainable(size_t i, bool trainable) { trainable_[i] = trainable; }
   bool trainable(size_t i) const { return trainable_[i] != 0; }
 
-  // Runs B sequences of T tokens (host arrays of B*T ids; targets < 0 are not scored).
+  // The tokens [begin, begin + count) of each sequence of seq_len that this rank processes
+  // (everything without sequence parallelism).
+  SequenceShard sequence_shard(int64_t seq_len) const;
+
+  // Runs B sequences of T tokens (host arrays of B*T ids; targets < 0 are not scored). Under
+  // sequence parallelism each rank passes only its shard's tokens of each sequence
+  // (B * sequence_shard(T).tokens ids) and gets the losses of those; T is the full length.
   // With grad_scale != 0 it keeps the activations for backward() and prepares the gradient of
   // grad_scale * (sum of losses) -- the fused classifier already adds the LM head's share to its
   // gradient here; with grad_scale == 0 it only evaluates.
@@ -99,10 +125,19 @@ class LlamaModel {
   void layer_forward(int64_t l);
   void layer_backward(int64_t l);
   void apply_compressions(T* kv_rows, bool backward);
+  // Sequence parallelism: fill the sink rows and the incoming memory from other ranks (forward);
+  // return their gradients (backward).
+  void exchange_sinks_forward(T* kv_ext);
+  void exchange_sinks_backward(T* d_kv_ext);
+  void memory_in_forward(T* kv_rows);
+  void memory_in_backward(const T* d_kv_rows);
+  void memory_out_forward(const T* kv_rows);
+  void memory_out_backward(T* d_kv_rows);
 
   ModelConfig config_;
   FreqKVConfig freqkv_;
   LoraConfig lora_;
+  ModelParallel parallel_;
   Kernels<T>& kernels_;
   ParamTable table_;
   std::vector<LayerParams> layers_;
@@ -115,6 +150,8 @@ class LlamaModel {
   int64_t batch_ = 0, seq_len_ = 0, n_tokens_ = 0, kv_rows_ = 0;  // kv_rows_: all sequences
   bool have_grad_state_ = false;
   FreqKVSchedule schedule_;
+  SequenceShard shard_;
+  int64_t sink_rows_ = 0;  // rows of received sinks before the tokens in kv_ext_ (all sequences)
   std::vector<AttnBlock> blocks_;
   Buffer<int64_t> kv_source_;
   Buffer<int32_t> kv_positions_, query_positions_, inputs_, targets_;
@@ -122,10 +159,10 @@ class LlamaModel {
   // Activations: the residual stream before each layer and after the last, per-layer saves.
   std::vector<Buffer<T>> residual_;
   std::vector<LayerActivations> acts_;
-  Buffer<T> final_norm_, logits_, kv_scratch_;
+  Buffer<T> final_norm_, logits_, kv_ext_, memory_buffer_;
   Buffer<Acc<T>> final_rstd_, losses_;
   // Backward scratch.
-  Buffer<T> d_residual_, d_final_norm_, d_norm_, d_q_, d_kv_rows_, d_kv_, d_att_, d_swiglu_,
+  Buffer<T> d_residual_, d_final_norm_, d_norm_, d_q_, d_kv_rows_, d_kv_ext_, d_att_, d_swiglu_,
       d_gate_, d_up_, d_lora_xa_;
 };
 

@@ -169,8 +169,8 @@ TEST(TrainConfig, RecipesLoad) {
   EXPECT_EQ(tiny.data.batch_size, 2);
   EXPECT_EQ(tiny.freqkv.cache, 256);
   EXPECT_EQ(tiny.optimizer.lr, 1e-3);
-  EXPECT_EQ(tiny.schedule.warmup_steps, 5);
-  EXPECT_EQ(tiny.data.validation.every, 20);
+  EXPECT_EQ(tiny.schedule.warmup_steps, 10);
+  EXPECT_EQ(tiny.data.validation.every, 50);
   EXPECT_EQ(tiny.data.validation.fraction, 0.05);
 }
 
