@@ -28,6 +28,8 @@ template <> struct CommDTypeOf<int32_t> { static constexpr CommDType value = Com
 template <> struct CommDTypeOf<int64_t> { static constexpr CommDType value = CommDType::kI64; };
 
 size_t comm_dtype_size(CommDType dtype);
+const char* comm_dtype_name(CommDType dtype);  // "f32", "f64", "bf16", "i32", "i64" (for messages)
+const char* reduce_op_name(ReduceOp op);       // "sum", "max"
 
 class Communicator {
  public:
@@ -52,6 +54,10 @@ class Communicator {
   virtual void barrier() = 0;
   // A host scalar (losses, norms, counters) reduced over the group.
   virtual double all_reduce_scalar(double value, ReduceOp op) = 0;
+  // Sub-groups of this group, as MPI_Comm_split: the ranks passing the same color (>= 0) form one
+  // group, ordered by key (ties by rank in this group). Collective over this group, which stays
+  // usable. `label` names the new group in error messages ("tp", "sp", "dp").
+  virtual std::unique_ptr<Communicator> split(int color, int key, const std::string& label) = 0;
 
   // Typed conveniences.
   template <typename U> void all_reduce_sum(U* data, int64_t n) {
@@ -99,6 +105,13 @@ class LocalCommunicator final : public Communicator {
   void recv(void*, int64_t, CommDType, int peer) override;
   void barrier() override {}
   double all_reduce_scalar(double value, ReduceOp) override { return value; }
+  // Another group of one rank with the same copy function.
+  std::unique_ptr<Communicator> split(int color, int key, const std::string& label) override;
+  // Typed conveniences of the base class (hidden otherwise by the overrides above).
+  using Communicator::all_gather;
+  using Communicator::broadcast;
+  using Communicator::recv;
+  using Communicator::send;
 
  private:
   CopyFn copy_;  // nullptr: memcpy
