@@ -1,6 +1,8 @@
 // freqkv train: a FreqKV fine-tune from a YAML config (see configs/README.md).
 #include <cstdio>
 
+#include "comm/mpi_communicator.h"
+#include "comm/parallel_grid.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "trainer/cli_args.h"
 #include "trainer/commands.h"
@@ -11,10 +13,11 @@ namespace freqkv {
 namespace {
 
 template <typename T>
-int train_with(const TrainConfig& config, int64_t stop_at) {
+int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid) {
   CpuKernels<T> kernels;
-  TrainingRun<T> run(config, kernels);
+  TrainingRun<T> run(config, kernels, TrainGroups{&grid.world(), &grid.sp(), &grid.dp()});
   const TrainSummary s = run.run(stop_at);
+  if (grid.world_rank() != 0) return 0;
   std::printf("freqkv train: done: steps %lld..%lld, last loss %.4f", static_cast<long long>(s.first_step),
               static_cast<long long>(s.last_step), s.last_loss);
   if (s.last_validation_loss >= 0) std::printf(", validation loss %.4f", s.last_validation_loss);
@@ -31,6 +34,9 @@ int run_train(const std::vector<std::string>& args) {
   p.positionals("CONFIG.yaml", "the training config (recipes in configs/)");
   p.repeated_option("set", "KEY=VALUE", "override one config key, e.g. optimizer.lr=1e-4");
   p.option("resume", "latest|PATH", "resume from the newest checkpoint of the run, or a file");
+  p.option("tp", "N", "tensor-parallel ranks (overrides parallel.tp)");
+  p.option("sp", "N", "sequence-parallel ranks (overrides parallel.sp)");
+  p.option("dp", "N", "data-parallel ranks (overrides parallel.dp)");
   p.option("stop-at", "STEP", "stop after this step (with a checkpoint); resume later with "
                               "--resume latest");
   p.flag("dump-config", "print the resolved config as YAML and exit");
@@ -44,6 +50,8 @@ int run_train(const std::vector<std::string>& args) {
                      std::to_string(p.positional_values().size()));
   std::vector<std::string> overrides = p.get_all("set");
   if (p.given("resume")) overrides.push_back("checkpoint.resume=" + p.get("resume"));
+  for (const char* dim : {"tp", "sp", "dp"})
+    if (p.given(dim)) overrides.push_back(std::string("parallel.") + dim + "=" + p.get(dim));
   const TrainConfig config = load_train_config(p.positional_values()[0], overrides);
   if (p.flag_set("dump-config")) {
     std::printf("%s", config.resolved_yaml.c_str());
@@ -51,10 +59,20 @@ int run_train(const std::vector<std::string>& args) {
   }
   const int64_t stop_at = p.given("stop-at") ? p.get_int("stop-at") : -1;
   if (p.given("stop-at") && stop_at < 1) throw UsageError("--stop-at must be >= 1");
+
+  MpiSession mpi;
+  const GridShape shape{static_cast<int>(config.parallel.tp), static_cast<int>(config.parallel.sp),
+                        static_cast<int>(config.parallel.dp)};
+  const std::unique_ptr<ParallelGrid> grid = make_grid(shape);
+  if (grid->world_rank() == 0) std::printf("%s", grid->table().c_str());
+  if (shape.tp > 1)
+    throw std::invalid_argument("parallel.tp = " + std::to_string(shape.tp) +
+                                ": tensor parallelism is not available in this version; use "
+                                "sequence (parallel.sp) and data (parallel.dp) parallelism");
   switch (config.device) {
     case TrainDevice::Cpu:
-      if (config.precision == TrainPrecision::FP32) return train_with<float>(config, stop_at);
-      if (config.precision == TrainPrecision::FP64) return train_with<double>(config, stop_at);
+      if (config.precision == TrainPrecision::FP32) return train_with<float>(config, stop_at, *grid);
+      if (config.precision == TrainPrecision::FP64) return train_with<double>(config, stop_at, *grid);
       throw std::invalid_argument(std::string("precision ") +
                                   train_precision_name(config.precision) +
                                   " is not available on the CPU: use fp32 or fp64");

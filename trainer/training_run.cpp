@@ -28,10 +28,20 @@ std::string human_count(int64_t n) {
 }  // namespace
 
 template <typename T>
-TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels)
-    : config_(config), kernels_(kernels) {
-  std::filesystem::create_directories(config_.logging.run_dir);
-  {  // the resolved config next to the results, as it was at the start of this process
+TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
+                            const TrainGroups& groups)
+    : config_(config),
+      kernels_(kernels),
+      world_(groups.world ? groups.world : &local_),
+      sp_(groups.sp ? groups.sp : &local_),
+      dp_(groups.dp ? groups.dp : &local_) {
+  if (config_.data.batch_size % dp_->size() != 0)
+    throw std::invalid_argument("data.batch_size = " + std::to_string(config_.data.batch_size) +
+                                " sequences must divide among dp = " +
+                                std::to_string(dp_->size()) + " ranks");
+  if (is_main_rank()) {
+    std::filesystem::create_directories(config_.logging.run_dir);
+    // the resolved config next to the results, as it was at the start of this process
     std::ofstream out(in_run_dir("config.yaml"));
     out << config_.resolved_yaml;
   }
@@ -44,8 +54,11 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels)
   if (!resume_path.empty()) resume.emplace(CheckpointReader::open(resume_path));
 
   const ModelConfig model_config = resume ? checkpoint_model_config(*resume) : model_config_of(config_);
+  ModelParallel parallel;
+  if (sp_->size() > 1) parallel.sp = sp_;
   model_ = std::make_unique<LlamaModel<T>>(model_config, config_.freqkv, kernels_,
-                                           lora_config_of(config_));
+                                           lora_config_of(config_), parallel);
+  shard_ = model_->sequence_shard(config_.data.seq_len);
   if (resume) {
     load_checkpoint_weights(*resume, *model_);
   } else if (!config_.model.path.empty()) {
@@ -77,6 +90,7 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels)
           " but there is no validation data: set data.validation.files or data.validation.fraction");
     }
   }
+  if (!is_main_rank()) return;  // one rank reports and writes
   metrics_ = std::make_unique<MetricsLog>(in_run_dir(config_.logging.metrics_file));
 
   const FreqKVConfig& f = config_.freqkv;
@@ -104,24 +118,45 @@ std::string TrainingRun<T>::in_run_dir(const std::string& path) const {
 }
 
 template <typename T>
+void TrainingRun<T>::fill_row(const int32_t* window, int64_t b, std::vector<int32_t>& inputs,
+                              std::vector<int32_t>& targets) const {
+  const int64_t n = shard_.tokens;
+  std::copy(window + shard_.token_begin, window + shard_.token_begin + n, inputs.begin() + b * n);
+  std::copy(window + shard_.token_begin + 1, window + shard_.token_begin + n + 1,
+            targets.begin() + b * n);
+}
+
+template <typename T>
+LossSum TrainingRun<T>::reduce_loss(LossSum local) {
+  for (Communicator* group : {sp_, dp_}) {
+    local.sum = group->all_reduce_scalar(local.sum, ReduceOp::kSum);
+    local.count = static_cast<int64_t>(
+        group->all_reduce_scalar(static_cast<double>(local.count), ReduceOp::kSum));
+  }
+  return local;
+}
+
+template <typename T>
 double TrainingRun<T>::validation_loss(int64_t* tokens) {
-  const int64_t B = config_.data.batch_size, T_len = config_.data.seq_len;
-  const int64_t windows = std::min(validation_->size(), config_.data.validation.batches * B);
+  const int64_t B = config_.data.batch_size / dp_->size(), T_len = config_.data.seq_len;
+  const int64_t windows = std::min(validation_->size(), config_.data.validation.batches * B * dp_->size());
   std::vector<int32_t> window(static_cast<size_t>(T_len + 1)), inputs, targets;
-  LossSum total;
-  for (int64_t w0 = 0; w0 < windows; w0 += B) {
-    const int64_t batch = std::min(B, windows - w0);
-    inputs.resize(static_cast<size_t>(batch * T_len));
-    targets.resize(static_cast<size_t>(batch * T_len));
+  std::vector<int64_t> mine;  // data parallel: window w belongs to dp rank w % dp
+  for (int64_t w = dp_->rank(); w < windows; w += dp_->size()) mine.push_back(w);
+  LossSum local;
+  for (size_t w0 = 0; w0 < mine.size(); w0 += B) {
+    const int64_t batch = std::min<int64_t>(B, static_cast<int64_t>(mine.size() - w0));
+    inputs.resize(static_cast<size_t>(batch * shard_.tokens));
+    targets.resize(inputs.size());
     for (int64_t b = 0; b < batch; ++b) {
-      validation_->window(w0 + b, window.data());
-      std::copy(window.begin(), window.end() - 1, inputs.begin() + b * T_len);
-      std::copy(window.begin() + 1, window.end(), targets.begin() + b * T_len);
+      validation_->window(mine[w0 + b], window.data());
+      fill_row(window.data(), b, inputs, targets);
     }
     const LossSum s = model_->forward(inputs.data(), targets.data(), batch, T_len, 0.0);
-    total.sum += s.sum;
-    total.count += s.count;
+    local.sum += s.sum;
+    local.count += s.count;
   }
+  const LossSum total = reduce_loss(local);
   *tokens = total.count;
   return total.sum / static_cast<double>(total.count);
 }
@@ -130,48 +165,60 @@ template <typename T>
 void TrainingRun<T>::save_checkpoint(int64_t step, TrainSummary& summary) {
   const CheckpointDir dir(in_run_dir(config_.checkpoint.dir));
   const std::string path = dir.path_for_step(step);
-  save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml);
-  if (config_.checkpoint.keep_last > 0) dir.prune(static_cast<int>(config_.checkpoint.keep_last));
+  // Without tensor parallelism or ZeRO every rank holds the same weights and optimiser state:
+  // one rank writes the logical tensors, the others wait until the file is complete.
+  if (is_main_rank()) {
+    save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml);
+    if (config_.checkpoint.keep_last > 0) dir.prune(static_cast<int>(config_.checkpoint.keep_last));
+    metrics_->log_event(step, "checkpoint", path);
+  }
+  world_->barrier();
   summary.last_checkpoint = path;
-  metrics_->log_event(step, "checkpoint", path);
 }
 
 template <typename T>
 TrainSummary TrainingRun<T>::run(int64_t stop_at) {
   const DataSection& d = config_.data;
-  const int64_t B = d.batch_size, T_len = d.seq_len, steps = config_.schedule.steps;
+  // Data parallel: each dp rank runs batch_size / dp of every micro-batch's sequences.
+  const int64_t B = d.batch_size / dp_->size(), T_len = d.seq_len, steps = config_.schedule.steps;
   const int64_t last = stop_at >= 1 ? std::min(stop_at, steps) : steps;
   TrainSummary summary;
   summary.run_dir = config_.logging.run_dir;
   summary.first_step = start_step_ + 1;
   summary.last_step = start_step_;
   if (start_step_ >= steps) {
-    std::printf("freqkv train: the checkpoint is at step %lld, the schedule ends at %lld: nothing "
-                "to do (raise schedule.steps to train further)\n",
-                static_cast<long long>(start_step_), static_cast<long long>(steps));
+    if (is_main_rank())
+      std::printf("freqkv train: the checkpoint is at step %lld, the schedule ends at %lld: "
+                  "nothing to do (raise schedule.steps to train further)\n",
+                  static_cast<long long>(start_step_), static_cast<long long>(steps));
     return summary;
   }
   std::vector<int32_t> window(static_cast<size_t>(T_len + 1));
-  std::vector<int32_t> inputs(static_cast<size_t>(B * T_len)), targets(inputs.size());
+  std::vector<int32_t> inputs(static_cast<size_t>(B * shard_.tokens)), targets(inputs.size());
   const auto start = std::chrono::steady_clock::now();
   auto last_log = start;
   int64_t tokens_since_log = 0;
 
   for (int64_t step = start_step_ + 1; step <= last; ++step) {
     model_->zero_grads();
-    const double grad_scale = 1.0 / static_cast<double>(d.grad_accum * B * T_len);
-    LossSum loss;
+    const double grad_scale = 1.0 / static_cast<double>(d.grad_accum * d.batch_size * T_len);
+    LossSum local;
     for (int64_t micro = 0; micro < d.grad_accum; ++micro) {
       for (int64_t b = 0; b < B; ++b) {
-        sampler_->sample(step, micro * B + b, window.data());
-        std::copy(window.begin(), window.end() - 1, inputs.begin() + b * T_len);
-        std::copy(window.begin() + 1, window.end(), targets.begin() + b * T_len);
+        // The sequence's index within the step does not depend on the grid.
+        sampler_->sample(step, micro * d.batch_size + dp_->rank() * B + b, window.data());
+        fill_row(window.data(), b, inputs, targets);
       }
       const LossSum s = model_->forward(inputs.data(), targets.data(), B, T_len, grad_scale);
       model_->backward();
-      loss.sum += s.sum;
-      loss.count += s.count;
+      local.sum += s.sum;
+      local.count += s.count;
     }
+    // Every rank of a step computed part of the gradient: sequence shards, then sequences.
+    const int64_t arena = model_->param_table().total_numel();
+    for (Communicator* group : {sp_, dp_})
+      if (group->size() > 1) group->all_reduce_sum(model_->grads(), arena);
+    const LossSum loss = reduce_loss(local);
     const double mean_loss = loss.sum / static_cast<double>(loss.count);
     const double norm = optimizer_->grad_norm();
     if (!std::isfinite(mean_loss) || !std::isfinite(norm))
@@ -188,7 +235,8 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
     summary.last_step = step;
     summary.last_loss = mean_loss;
 
-    if (step % config_.logging.every == 0 || step == last || step == start_step_ + 1) {
+    if (is_main_rank() &&
+        (step % config_.logging.every == 0 || step == last || step == start_step_ + 1)) {
       const auto now = std::chrono::steady_clock::now();
       StepMetrics m;
       m.step = step;
@@ -207,7 +255,7 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
     if (validation_ && (step % d.validation.every == 0 || step == steps)) {
       int64_t tokens = 0;
       summary.last_validation_loss = validation_loss(&tokens);
-      metrics_->log_validation(step, summary.last_validation_loss, tokens);
+      if (is_main_rank()) metrics_->log_validation(step, summary.last_validation_loss, tokens);
     }
     if ((config_.checkpoint.every > 0 && step % config_.checkpoint.every == 0) || step == last)
       save_checkpoint(step, summary);

@@ -25,10 +25,18 @@ struct TrainSummary {
   std::string run_dir;
 };
 
+// The groups a run is spread over (declared once as the tp x sp x dp grid, comm/parallel_grid.h).
+// nullptr means a group of one: a run without MPI.
+struct TrainGroups {
+  Communicator* world = nullptr;
+  Communicator* sp = nullptr;  // splits every sequence's FreqKV chunks
+  Communicator* dp = nullptr;  // splits the sequences of a step
+};
+
 template <typename T>
 class TrainingRun {
  public:
-  TrainingRun(const TrainConfig& config, Kernels<T>& kernels);
+  TrainingRun(const TrainConfig& config, Kernels<T>& kernels, const TrainGroups& groups = {});
   // Trains up to schedule.steps, or only up to stop_at (>= 1) when given: a time-limited job
   // (SLURM) stops there with a checkpoint and resumes later with the same schedule.
   TrainSummary run(int64_t stop_at = -1);
@@ -38,11 +46,20 @@ class TrainingRun {
  private:
   // Relative paths of the config are inside the run directory.
   std::string in_run_dir(const std::string& path) const;
+  bool is_main_rank() const { return world_->rank() == 0; }
+  // Copies this rank's shard of sequence `window` (seq_len + 1 tokens) into row b of the batch.
+  void fill_row(const int32_t* window, int64_t b, std::vector<int32_t>& inputs,
+                std::vector<int32_t>& targets) const;
+  // Sums a loss over the ranks that share a step (sp shards and dp sequences).
+  LossSum reduce_loss(LossSum local);
   double validation_loss(int64_t* tokens);
   void save_checkpoint(int64_t step, TrainSummary& summary);
 
   TrainConfig config_;
   Kernels<T>& kernels_;
+  LocalCommunicator local_;  // stands in for every group not given
+  Communicator *world_, *sp_, *dp_;
+  SequenceShard shard_;
   std::unique_ptr<LlamaModel<T>> model_;
   std::unique_ptr<AdamW<T>> optimizer_;
   std::unique_ptr<TokenSampler> sampler_;
