@@ -163,6 +163,24 @@ TEST(SequenceParallel, TooFewChunksForTheRanksIsAClearError) {
   }
 }
 
+TEST(ZeroOne, OptimiserStateIsShardedAcrossDataParallelRanks) {
+  CpuKernels<float> k;
+  LlamaModel<float> model(small_config(), freqkv(8, 2, 0.5), k);
+  model.init_random(3);
+  AdamW<float> sharded(model, AdamWOptions{}, &world(), true);
+  const ParamTable& table = model.param_table();
+  int64_t mine = 0;
+  for (size_t i : sharded.param_indices()) {
+    EXPECT_EQ(sharded.owner(i), world().rank());
+    mine += table[i].numel();
+  }
+  const double total = world().all_reduce_scalar(static_cast<double>(mine), ReduceOp::kSum);
+  const double largest = world().all_reduce_scalar(static_cast<double>(mine), ReduceOp::kMax);
+  EXPECT_EQ(total, static_cast<double>(table.total_numel()));  // every parameter exactly once
+  // Balanced: no rank holds much more than its share (plus the largest single tensor).
+  EXPECT_LE(largest, total / world().size() + static_cast<double>(table[0].numel()));
+}
+
 // ---- training under every grid -------------------------------------------------------------------
 
 class GridTraining : public ::testing::Test {
@@ -235,11 +253,15 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
   std::vector<GridShape> shapes = {{1, n, 1}, {1, 1, n}};
   if (n == 4) shapes.push_back({1, 2, 2});
   for (const GridShape& shape : shapes) {
-    const std::string run = "sp" + std::to_string(shape.sp) + "_dp" + std::to_string(shape.dp);
+    for (const bool zero1 : {true, false}) {
+    if (!zero1 && shape.dp == 1) continue;
+    const std::string run = "sp" + std::to_string(shape.sp) + "_dp" + std::to_string(shape.dp) +
+                            (zero1 ? "_zero1" : "");
     {
       ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), shape);
       CpuKernels<float> k;
-      TrainingRun<float>(config(run, {}), k, TrainGroups{&grid.world(), &grid.sp(), &grid.dp()})
+      TrainingRun<float>(config(run, {std::string("parallel.zero1=") + (zero1 ? "true" : "false")}),
+                         k, TrainGroups{&grid.world(), &grid.sp(), &grid.dp()})
           .run();
     }
     world().barrier();
@@ -247,6 +269,7 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
     ASSERT_EQ(got.size(), reference.size()) << run;
     for (size_t s = 0; s < got.size(); ++s)
       EXPECT_NEAR(got[s], reference[s], 2e-5 * std::abs(reference[s])) << run << " step " << s + 1;
+    }
   }
 
   // Reshard: stop after 3 steps under sp = n, resume on one rank, then under dp = n.

@@ -1,5 +1,6 @@
 #include "trainer/model_checkpoint.h"
 
+#include <optional>
 #include <set>
 #include <stdexcept>
 
@@ -16,24 +17,29 @@ const char* kStateGroups[] = {"optimizer/master/", "optimizer/exp_avg/", "optimi
 
 template <typename T>
 void save_training_checkpoint(const std::string& path, LlamaModel<T>& model, AdamW<T>& optimizer,
-                              int64_t step, const std::string& config_yaml) {
-  CheckpointWriter writer(path);
-  writer.set_attribute("step", step);
-  writer.set_attribute("optimizer_step", optimizer.step_count());
-  writer.set_attribute("config_yaml", config_yaml);
-  writer.set_attribute("model_config_json", hf_config_json(model.config()));
+                              int64_t step, const std::string& config_yaml, bool write_file) {
+  std::optional<CheckpointWriter> writer;
   const ParamTable& table = model.param_table();
-  for (size_t i = 0; i < table.size(); ++i) {
-    const std::vector<float> values = model.get_param(i);
-    writer.write_tensor("model/" + table[i].name, table[i].shape, values.data());
+  if (write_file) {
+    writer.emplace(path);
+    writer->set_attribute("step", step);
+    writer->set_attribute("optimizer_step", optimizer.step_count());
+    writer->set_attribute("config_yaml", config_yaml);
+    writer->set_attribute("model_config_json", hf_config_json(model.config()));
+    for (size_t i = 0; i < table.size(); ++i) {
+      const std::vector<float> values = model.get_param(i);
+      writer->write_tensor("model/" + table[i].name, table[i].shape, values.data());
+    }
   }
-  for (size_t i : optimizer.param_indices()) {
-    const AdamWParamState s = optimizer.get_state(i);
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (optimizer.owner(i) < 0) continue;  // frozen
+    const AdamWParamState s = optimizer.gather_state(i);
+    if (!writer) continue;
     const std::vector<float>* parts[] = {&s.master, &s.exp_avg, &s.exp_avg_sq};
     for (int p = 0; p < 3; ++p)
-      writer.write_tensor(kStateGroups[p] + table[i].name, table[i].shape, parts[p]->data());
+      writer->write_tensor(kStateGroups[p] + table[i].name, table[i].shape, parts[p]->data());
   }
-  writer.commit();
+  if (writer) writer->commit();
 }
 
 template <typename T>
@@ -92,9 +98,9 @@ LoraConfig checkpoint_lora_config(const CheckpointReader& reader) {
 }
 
 template void save_training_checkpoint(const std::string&, LlamaModel<float>&, AdamW<float>&,
-                                       int64_t, const std::string&);
+                                       int64_t, const std::string&, bool);
 template void save_training_checkpoint(const std::string&, LlamaModel<double>&, AdamW<double>&,
-                                       int64_t, const std::string&);
+                                       int64_t, const std::string&, bool);
 template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<float>&);
 template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<double>&);
 template int64_t load_checkpoint_optimizer(const CheckpointReader&, AdamW<float>&);

@@ -20,17 +20,20 @@
 namespace freqkv {
 
 // Writes model, optimiser and step into a checkpoint file (atomically, via CheckpointWriter).
+// With ZeRO-1 every rank of the optimiser's dp group calls it: each parameter's state streams
+// from its owner to dp rank 0, which writes the file.
 template <typename T>
 void save_training_checkpoint(const std::string& path, LlamaModel<T>& model, AdamW<T>& optimizer,
-                              int64_t step, const std::string& config_yaml);
+                              int64_t step, const std::string& config_yaml,
+                              bool write_file = true);
 
 // Loads every model/<name> tensor into the model; a tensor the model lacks or misses, or a shape
 // mismatch, is an error naming the tensor and the checkpoint.
 template <typename T>
 void load_checkpoint_weights(const CheckpointReader& reader, LlamaModel<T>& model);
 
-// Restores the optimiser of every trainable parameter (which also sets its weights) and returns
-// the checkpoint's step.
+// Restores the optimiser state this rank keeps (all of it, or its ZeRO-1 share), sets the weights
+// of those parameters, and returns the checkpoint's step.
 template <typename T>
 int64_t load_checkpoint_optimizer(const CheckpointReader& reader, AdamW<T>& optimizer);
 

@@ -1,17 +1,40 @@
 #include "trainer/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
 namespace freqkv {
 
 template <typename T>
-AdamW<T>::AdamW(LlamaModel<T>& model, const AdamWOptions& options)
+AdamW<T>::AdamW(LlamaModel<T>& model, const AdamWOptions& options, Communicator* dp, bool shard)
     : model_(model), options_(options) {
   Kernels<T>& k = model_.kernels();
   const ParamTable& table = model_.param_table();
-  for (size_t i = 0; i < table.size(); ++i) {
-    if (!model_.trainable(i)) continue;
+  owner_.assign(table.size(), -1);
+  std::vector<size_t> trainable;
+  for (size_t i = 0; i < table.size(); ++i)
+    if (model_.trainable(i)) trainable.push_back(i);
+  if (shard && dp && dp->size() > 1) {
+    dp_ = dp;
+    // Largest first onto the least loaded rank: a balanced, deterministic assignment that every
+    // rank computes alike.
+    std::vector<size_t> by_size = trainable;
+    std::stable_sort(by_size.begin(), by_size.end(), [&](size_t a, size_t b) {
+      return table[a].numel() > table[b].numel();
+    });
+    std::vector<int64_t> load(static_cast<size_t>(dp->size()), 0);
+    for (size_t i : by_size) {
+      const int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+      owner_[i] = r;
+      load[static_cast<size_t>(r)] += table[i].numel();
+    }
+  } else {
+    for (size_t i : trainable) owner_[i] = 0;
+  }
+  const int my_rank = dp_ ? dp_->rank() : 0;
+  for (size_t i : trainable) {
+    if (owner_[i] != my_rank) continue;
     const int64_t n = table[i].numel();
     Slot s{i, n, Buffer<float>(k, n), Buffer<float>(k, n), Buffer<float>(k, n), !table[i].is_norm()};
     const std::vector<float> weights = model_.get_param(i);
@@ -26,13 +49,18 @@ typename AdamW<T>::Slot& AdamW<T>::slot(size_t param_index) {
   for (Slot& s : slots_)
     if (s.param == param_index) return s;
   throw std::out_of_range("AdamW: parameter " + model_.param_table()[param_index].name +
-                          " is frozen and has no optimiser state");
+                          (owner_[param_index] < 0
+                               ? std::string(" is frozen and has no optimiser state")
+                               : " has its optimiser state on dp rank " +
+                                     std::to_string(owner_[param_index]) + " (ZeRO-1)"));
 }
 
 template <typename T>
 double AdamW<T>::grad_norm() {
   double sum = 0;
-  for (const Slot& s : slots_) sum += model_.kernels().sum_squares(model_.grad(s.param), s.numel);
+  const ParamTable& table = model_.param_table();
+  for (size_t i = 0; i < table.size(); ++i)
+    if (owner_[i] >= 0) sum += model_.kernels().sum_squares(model_.grad(i), table[i].numel());
   return std::sqrt(sum);
 }
 
@@ -44,6 +72,10 @@ void AdamW<T>::step(double lr, double grad_scale) {
                                   model_.param(s.param), model_.grad(s.param), s.numel, lr,
                                   options_.beta1, options_.beta2, options_.eps,
                                   s.decay ? options_.weight_decay : 0.0, step_count_, grad_scale);
+  if (!dp_) return;
+  const ParamTable& table = model_.param_table();
+  for (size_t i = 0; i < table.size(); ++i)
+    if (owner_[i] >= 0) dp_->broadcast(model_.param(i), table[i].numel(), owner_[i]);
 }
 
 template <typename T>
@@ -55,6 +87,31 @@ AdamWParamState AdamW<T>::get_state(size_t param_index) {
                               std::pair{&state.exp_avg_sq, &s.exp_avg_sq}}) {
     host->resize(static_cast<size_t>(s.numel));
     model_.kernels().copy_to_host(host->data(), device->data(), bytes);
+  }
+  return state;
+}
+
+template <typename T>
+AdamWParamState AdamW<T>::gather_state(size_t param_index) {
+  if (!dp_) return get_state(param_index);
+  const int owner = owner_[param_index], me = dp_->rank();
+  if (owner < 0)
+    throw std::out_of_range("AdamW: parameter " + model_.param_table()[param_index].name +
+                            " is frozen and has no optimiser state");
+  if (owner == 0) return me == 0 ? get_state(param_index) : AdamWParamState{};
+  const int64_t n = model_.param_table()[param_index].numel();
+  if (me == owner) {
+    Slot& s = slot(param_index);
+    for (Buffer<float>* b : {&s.master, &s.exp_avg, &s.exp_avg_sq}) dp_->send(b->data(), n, 0);
+    return {};
+  }
+  if (me != 0) return {};
+  AdamWParamState state;
+  Buffer<float> staging(model_.kernels(), n);  // in the backend's memory, as the group needs
+  for (std::vector<float>* host : {&state.master, &state.exp_avg, &state.exp_avg_sq}) {
+    dp_->recv(staging.data(), n, owner);
+    host->resize(static_cast<size_t>(n));
+    model_.kernels().copy_to_host(host->data(), staging.data(), static_cast<size_t>(n) * sizeof(float));
   }
   return state;
 }

@@ -1,6 +1,11 @@
 // AdamW over a model's trainable parameters, with fp32 master weights and states living on the
 // model's backend (PyTorch's torch.optim.AdamW semantics; decoupled weight decay, not applied to
 // 1-D norm weights, as Hugging Face's Trainer does). Frozen parameters keep no state.
+//
+// ZeRO-1 (Rajbhandari et al.): over a data-parallel group, each trainable parameter is owned by
+// one dp rank (largest first, to the least loaded rank), which alone keeps its master weights and
+// moments and updates it; after the step the owner broadcasts the new weights. The gradients must
+// already be summed over the group.
 #pragma once
 
 #include <cstdint>
@@ -26,8 +31,10 @@ struct AdamWParamState {
 template <typename T>
 class AdamW {
  public:
-  // Takes the model's current (trainable) parameters as the master weights.
-  AdamW(LlamaModel<T>& model, const AdamWOptions& options);
+  // Takes the model's current (trainable) parameters as the master weights. With a dp group of
+  // more than one rank and shard = true, the state is sharded (ZeRO-1).
+  AdamW(LlamaModel<T>& model, const AdamWOptions& options, Communicator* dp = nullptr,
+        bool shard = false);
 
   // The global L2 norm of the trainable parameters' gradients.
   double grad_norm();
@@ -38,9 +45,14 @@ class AdamW {
   LlamaModel<T>& model() { return model_; }
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t steps) { step_count_ = steps; }
-  // Parameter indices (into the model's table) that have state, in table order.
+  // Parameter indices (into the model's table) that have state on this rank, in table order.
   const std::vector<size_t>& param_indices() const { return indices_; }
+  // The dp rank that updates trainable parameter i (0 without sharding).
+  int owner(size_t param_index) const { return owner_[param_index]; }
   AdamWParamState get_state(size_t param_index);
+  // The state of any trainable parameter on dp rank 0, fetched from its owner (a collective of
+  // the dp group; the other ranks get an empty state). Without sharding: get_state.
+  AdamWParamState gather_state(size_t param_index);
   // Restores a parameter's state; also writes master into the model's weights.
   void set_state(size_t param_index, const AdamWParamState& state);
 
@@ -55,6 +67,8 @@ class AdamW {
 
   LlamaModel<T>& model_;
   AdamWOptions options_;
+  Communicator* dp_ = nullptr;  // set when sharded
+  std::vector<int> owner_;      // per parameter; -1 for frozen ones
   std::vector<Slot> slots_;
   std::vector<size_t> indices_;
   int64_t step_count_ = 0;

@@ -42,7 +42,7 @@ data:  # training data: flat token files as `freqkv tokenize` writes them
   train: []  # training token files (required), e.g. [shard0.bin, shard1.bin]
   token_dtype: uint16  # element type of the token files: uint16 | uint32 | int32
   seq_len: 8192  # tokens predicted per sequence (a sampled window holds seq_len + 1 tokens)
-  batch_size: 1  # sequences per micro-batch
+  batch_size: 1  # sequences per micro-batch, over all dp ranks (each runs batch_size / dp)
   grad_accum: 1  # micro-batches accumulated per optimizer step
   seed: 1234  # sampling seed: step s reads windows that depend only on (seed, s)
   eos_token: -1  # id of the EOS token joining documents in the files; -1 = none
@@ -83,6 +83,7 @@ parallel:  # the tp x sp x dp rank grid (docs/ARCHITECTURE.md)
   tp: 1  # tensor parallel ranks: split heads and FFN columns
   sp: 1  # sequence parallel ranks: split the FreqKV chunks of a sequence
   dp: 1  # data parallel ranks: split the sequences of a step
+  zero1: true  # ZeRO-1: shard AdamW state and fp32 master weights across the dp ranks
 )yaml";
 
 const std::vector<std::string> kLoraTargets = {"q_proj",    "k_proj", "v_proj",   "o_proj",
@@ -628,6 +629,7 @@ TrainConfig read_config(YAML::Node merged, Origins origins) {
   parallel.tp = in.positive_integer("parallel.tp");
   parallel.sp = in.positive_integer("parallel.sp");
   parallel.dp = in.positive_integer("parallel.dp");
+  parallel.zero1 = in.boolean("parallel.zero1");
 
   config.resolved_yaml = in.resolved_yaml();
   return config;
@@ -706,7 +708,9 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) {
   const auto logging = [](const LoggingSection& l) {
     return std::tie(l.every, l.metrics_file, l.run_dir);
   };
-  const auto parallel = [](const ParallelSection& p) { return std::tie(p.tp, p.sp, p.dp); };
+  const auto parallel = [](const ParallelSection& p) {
+    return std::tie(p.tp, p.sp, p.dp, p.zero1);
+  };
   return model(a.model) == model(b.model) && a.device == b.device &&
          a.precision == b.precision && freqkv(a.freqkv) == freqkv(b.freqkv) &&
          data(a.data) == data(b.data) &&

@@ -92,6 +92,7 @@ struct ParallelSection {
   int64_t tp = 1;  // tensor parallel ranks
   int64_t sp = 1;  // sequence parallel ranks
   int64_t dp = 1;  // data parallel ranks
+  bool zero1 = true;  // shard the optimiser state across the dp ranks (ZeRO stage 1)
 };
 
 struct TrainConfig {

@@ -69,8 +69,10 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
   }
   const int64_t trained = apply_trainable(config_, *model_);
   optimizer_ = std::make_unique<AdamW<T>>(
-      *model_, AdamWOptions{config_.optimizer.beta1, config_.optimizer.beta2, config_.optimizer.eps,
-                            config_.optimizer.weight_decay});
+      *model_,
+      AdamWOptions{config_.optimizer.beta1, config_.optimizer.beta2, config_.optimizer.eps,
+                   config_.optimizer.weight_decay},
+      dp_, config_.parallel.zero1);
   if (resume) start_step_ = load_checkpoint_optimizer(*resume, *optimizer_);
 
   const DataSection& d = config_.data;
@@ -165,10 +167,13 @@ template <typename T>
 void TrainingRun<T>::save_checkpoint(int64_t step, TrainSummary& summary) {
   const CheckpointDir dir(in_run_dir(config_.checkpoint.dir));
   const std::string path = dir.path_for_step(step);
-  // Without tensor parallelism or ZeRO every rank holds the same weights and optimiser state:
-  // one rank writes the logical tensors, the others wait until the file is complete.
+  // Every sp rank holds the same weights and optimiser state: world rank 0 writes the logical
+  // tensors, fetching ZeRO-1 shards from the other ranks of its dp group (those with sp rank 0);
+  // everyone waits until the file is complete.
+  if (sp_->rank() == 0)
+    save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml,
+                             is_main_rank());
   if (is_main_rank()) {
-    save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml);
     if (config_.checkpoint.keep_last > 0) dir.prune(static_cast<int>(config_.checkpoint.keep_last));
     metrics_->log_event(step, "checkpoint", path);
   }
