@@ -7,6 +7,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "comm/mpi_communicator.h"
+#include "comm/parallel_grid.h"
 #include "data/token_file.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/hf_checkpoint.h"
@@ -26,10 +28,15 @@ struct EvalLossOptions {
 };
 
 template <typename T>
-int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFile& tokens) {
+int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFile& tokens,
+              ParallelGrid& grid) {
   CpuKernels<T> kernels;
-  LlamaModel<T> model(config, o.freqkv, kernels);
+  ModelParallel parallel;
+  if (grid.sp().size() > 1) parallel.sp = &grid.sp();
+  LlamaModel<T> model(config, o.freqkv, kernels, LoraConfig(), parallel);
   load_hf_weights(model, SafetensorsReader::open_model_dir(o.model_dir));
+  const bool main_rank = grid.world_rank() == 0;
+  Communicator& dp = grid.dp();
 
   const int64_t T_len = o.seq_len, window = T_len + 1;
   int64_t windows = (tokens.size() - window) / o.stride + 1;
@@ -38,7 +45,8 @@ int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFi
   const double grad_scale = want_grads ? 1.0 / static_cast<double>(windows * T_len) : 0.0;
 
   const FreqKVSchedule schedule = FreqKVSchedule::build(T_len, o.freqkv);
-  std::fprintf(stderr,
+  const SequenceShard shard = model.sequence_shard(T_len);
+  if (main_rank) std::fprintf(stderr,
                "freqkv eval-loss: %s, %lld parameters, backend %s; %lld windows of %lld tokens; "
                "attention: %s\n",
                o.model_dir.c_str(), static_cast<long long>(model.param_table().total_numel()),
@@ -56,24 +64,37 @@ int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFi
   if (want_grads) model.zero_grads();
   LossSum total;
   std::vector<int32_t> buffer(static_cast<size_t>(window)), inputs, targets;
+  std::vector<int64_t> mine;  // data parallel: window w is evaluated by dp rank w % dp
+  for (int64_t w = dp.rank(); w < windows; w += dp.size()) mine.push_back(w);
+  const int64_t n = shard.tokens;  // sequence parallel: this rank's tokens of each window
   const auto start = std::chrono::steady_clock::now();
-  for (int64_t w0 = 0; w0 < windows; w0 += o.batch) {
-    const int64_t batch = std::min(o.batch, windows - w0);
-    inputs.resize(static_cast<size_t>(batch * T_len));
-    targets.resize(static_cast<size_t>(batch * T_len));
+  for (size_t w0 = 0; w0 < mine.size(); w0 += static_cast<size_t>(o.batch)) {
+    const int64_t batch = std::min<int64_t>(o.batch, static_cast<int64_t>(mine.size() - w0));
+    inputs.resize(static_cast<size_t>(batch * n));
+    targets.resize(static_cast<size_t>(batch * n));
     for (int64_t b = 0; b < batch; ++b) {
-      tokens.read((w0 + b) * o.stride, window, buffer.data());
-      std::copy(buffer.begin(), buffer.end() - 1, inputs.begin() + b * T_len);
-      std::copy(buffer.begin() + 1, buffer.end(), targets.begin() + b * T_len);
+      tokens.read(mine[w0 + b] * o.stride, window, buffer.data());
+      std::copy(buffer.begin() + shard.token_begin, buffer.begin() + shard.token_begin + n,
+                inputs.begin() + b * n);
+      std::copy(buffer.begin() + shard.token_begin + 1, buffer.begin() + shard.token_begin + n + 1,
+                targets.begin() + b * n);
     }
     const LossSum s = model.forward(inputs.data(), targets.data(), batch, T_len, grad_scale);
     if (want_grads) model.backward();
     total.sum += s.sum;
     total.count += s.count;
   }
+  for (Communicator* group : {&grid.sp(), &dp}) {
+    total.sum = group->all_reduce_scalar(total.sum, ReduceOp::kSum);
+    total.count = static_cast<int64_t>(
+        group->all_reduce_scalar(static_cast<double>(total.count), ReduceOp::kSum));
+    if (want_grads && group->size() > 1)
+      group->all_reduce_sum(model.grads(), model.param_table().total_numel());
+  }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const double loss = total.sum / static_cast<double>(total.count);
+  if (!main_rank) return 0;
   if (want_grads) {
     save_hf_gradients(model, o.grads_out);
     std::fprintf(stderr, "freqkv eval-loss: gradients of the mean loss written to %s\n",
@@ -105,6 +126,9 @@ int run_eval_loss(const std::vector<std::string>& args) {
   p.option("ratio", "R", "FreqKV share of the compressible span kept", "0.5");
   p.flag("no-freqkv", "plain causal attention over the whole window");
   p.option("precision", "P", "fp32 or fp64 (CPU)", "fp32");
+  p.option("tp", "N", "tensor-parallel ranks", "1");
+  p.option("sp", "N", "sequence-parallel ranks (split each window's FreqKV chunks)", "1");
+  p.option("dp", "N", "data-parallel ranks (split the windows)", "1");
   p.option("grads-out", "FILE", "write d(mean loss)/d(parameter) as F32 safetensors (HF names)");
   p.parse(args);
   if (p.help_requested()) {
@@ -151,9 +175,21 @@ int run_eval_loss(const std::vector<std::string>& args) {
                              " (use a smaller --seq-len)");
 
   const std::string precision = p.get("precision");
-  if (precision == "fp32") return eval_loss<float>(o, config, tokens);
-  if (precision == "fp64") return eval_loss<double>(o, config, tokens);
-  throw UsageError("--precision must be fp32 or fp64, got '" + precision + "'");
+  if (precision != "fp32" && precision != "fp64")
+    throw UsageError("--precision must be fp32 or fp64, got '" + precision + "'");
+  MpiSession mpi;
+  const GridShape shape{static_cast<int>(p.get_int("tp")), static_cast<int>(p.get_int("sp")),
+                        static_cast<int>(p.get_int("dp"))};
+  if (shape.tp < 1 || shape.sp < 1 || shape.dp < 1) throw UsageError("--tp/--sp/--dp must be >= 1");
+  const std::unique_ptr<ParallelGrid> grid = make_grid(shape);
+  if (grid->world().size() > 1 && grid->world_rank() == 0)
+    std::fprintf(stderr, "%s", grid->table().c_str());
+  if (shape.tp > 1)
+    throw std::invalid_argument("--tp " + std::to_string(shape.tp) +
+                                ": tensor parallelism is not available in this version; use --sp "
+                                "and --dp");
+  return precision == "fp32" ? eval_loss<float>(o, config, tokens, *grid)
+                             : eval_loss<double>(o, config, tokens, *grid);
 }
 
 }  // namespace freqkv
