@@ -15,6 +15,7 @@
 //     accumulate (`+=`): parameter gradients always accumulate, like llm.c.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -147,6 +148,22 @@ class Kernels {
   virtual void cross_entropy(acc_t* losses, T* logits, int64_t ld_logits, const int32_t* targets,
                              int64_t n_rows, int64_t vocab, double grad_scale) = 0;
 
+  // ---- vocabulary-parallel cross-entropy (Megatron's) ------------------------------------------------
+  // This rank holds the logits of vocabulary ids [vocab_begin, vocab_begin + vocab). Per row:
+  // lse[n] = logsumexp of the local logits, target_logit[n] = the target's logit when the target
+  // is local, else 0. The caller combines the ranks (global lse = log sum_r exp(lse_r); the
+  // target logit is a sum) and calls cross_entropy_grad with the global lse.
+  // The defaults run on the host through download/upload: a correct fallback for a backend
+  // without its own kernels.
+  virtual void cross_entropy_stats(acc_t* lse, acc_t* target_logit, const T* logits,
+                                   int64_t ld_logits, const int32_t* targets, int64_t n_rows,
+                                   int64_t vocab, int64_t vocab_begin);
+  // logits[n, c] = grad_scale * (exp(logits[n, c] - lse[n]) - [targets[n] == vocab_begin + c])
+  // for rows with targets[n] >= 0, and 0 for the others.
+  virtual void cross_entropy_grad(T* logits, int64_t ld_logits, const acc_t* lse,
+                                  const int32_t* targets, int64_t n_rows, int64_t vocab,
+                                  int64_t vocab_begin, double grad_scale);
+
   // ---- FreqKV compression ------------------------------------------------------------------------
   // out[L, C] = P_{N->L} in[N, C], P = sqrt(L/N) D_L^T D_N[0:L, :] (see kernels/freqkv_matrix.h).
   virtual void freqkv_compress(T* out, int64_t ld_out, const T* in, int64_t ld_in, int64_t n_in,
@@ -163,6 +180,50 @@ class Kernels {
                             double lr, double beta1, double beta2, double eps,
                             double weight_decay, int64_t step, double grad_scale) = 0;
 };
+
+template <typename T>
+void Kernels<T>::cross_entropy_stats(acc_t* lse, acc_t* target_logit, const T* logits,
+                                     int64_t ld_logits, const int32_t* targets, int64_t n_rows,
+                                     int64_t vocab, int64_t vocab_begin) {
+  std::vector<double> row(static_cast<size_t>(vocab));
+  std::vector<int32_t> t(static_cast<size_t>(n_rows));
+  std::vector<acc_t> out_lse(static_cast<size_t>(n_rows)), out_target(static_cast<size_t>(n_rows));
+  if (n_rows > 0) copy_to_host(t.data(), targets, t.size() * sizeof(int32_t));
+  for (int64_t n = 0; n < n_rows; ++n) {
+    download(row.data(), logits + n * ld_logits, vocab);
+    double mx = row[0], sum = 0;
+    for (double v : row) mx = v > mx ? v : mx;
+    for (double v : row) sum += std::exp(v - mx);
+    out_lse[n] = static_cast<acc_t>(mx + std::log(sum));
+    const int64_t local = static_cast<int64_t>(t[n]) - vocab_begin;
+    out_target[n] = static_cast<acc_t>(t[n] >= 0 && local >= 0 && local < vocab ? row[local] : 0.0);
+  }
+  if (n_rows > 0) {
+    copy_to_device(lse, out_lse.data(), out_lse.size() * sizeof(acc_t));
+    copy_to_device(target_logit, out_target.data(), out_target.size() * sizeof(acc_t));
+  }
+}
+
+template <typename T>
+void Kernels<T>::cross_entropy_grad(T* logits, int64_t ld_logits, const acc_t* lse,
+                                    const int32_t* targets, int64_t n_rows, int64_t vocab,
+                                    int64_t vocab_begin, double grad_scale) {
+  std::vector<double> row(static_cast<size_t>(vocab));
+  std::vector<int32_t> t(static_cast<size_t>(n_rows));
+  std::vector<acc_t> l(static_cast<size_t>(n_rows));
+  if (n_rows > 0) {
+    copy_to_host(t.data(), targets, t.size() * sizeof(int32_t));
+    copy_to_host(l.data(), lse, l.size() * sizeof(acc_t));
+  }
+  for (int64_t n = 0; n < n_rows; ++n) {
+    download(row.data(), logits + n * ld_logits, vocab);
+    for (int64_t c = 0; c < vocab; ++c)
+      row[c] = t[n] < 0 ? 0.0
+                        : grad_scale * (std::exp(row[c] - static_cast<double>(l[n])) -
+                                        (t[n] == vocab_begin + c ? 1.0 : 0.0));
+    upload(logits + n * ld_logits, row.data(), vocab);
+  }
+}
 
 // A typed array in a backend's memory, freed with it. Movable, not copyable.
 template <typename U>

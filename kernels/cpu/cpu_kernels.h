@@ -84,6 +84,13 @@ void swiglu_backward(T* dgate, T* dup, const T* dout, const T* gate, const T* up
 
 // cross_entropy.cpp
 template <typename T>
+void cross_entropy_stats(Acc<T>* lse, Acc<T>* target_logit, const T* logits, int64_t ld_logits,
+                         const int32_t* targets, int64_t n_rows, int64_t vocab,
+                         int64_t vocab_begin);
+template <typename T>
+void cross_entropy_grad(T* logits, int64_t ld_logits, const Acc<T>* lse, const int32_t* targets,
+                        int64_t n_rows, int64_t vocab, int64_t vocab_begin, double grad_scale);
+template <typename T>
 void cross_entropy(Acc<T>* losses, T* logits, int64_t ld_logits, const int32_t* targets,
                    int64_t n_rows, int64_t vocab, double grad_scale);
 
@@ -170,6 +177,18 @@ class CpuKernels final : public Kernels<T> {
     cpu::swiglu_backward(dgate, dup, dout, gate, up, n);
   }
 
+  void cross_entropy_stats(acc_t* lse, acc_t* target_logit, const T* logits, int64_t ld_logits,
+                           const int32_t* targets, int64_t n_rows, int64_t vocab,
+                           int64_t vocab_begin) override {
+    cpu::cross_entropy_stats(lse, target_logit, logits, ld_logits, targets, n_rows, vocab,
+                             vocab_begin);
+  }
+  void cross_entropy_grad(T* logits, int64_t ld_logits, const acc_t* lse, const int32_t* targets,
+                          int64_t n_rows, int64_t vocab, int64_t vocab_begin,
+                          double grad_scale) override {
+    cpu::cross_entropy_grad(logits, ld_logits, lse, targets, n_rows, vocab, vocab_begin,
+                            grad_scale);
+  }
   void cross_entropy(acc_t* losses, T* logits, int64_t ld_logits, const int32_t* targets,
                      int64_t n_rows, int64_t vocab, double grad_scale) override {
     cpu::cross_entropy(losses, logits, ld_logits, targets, n_rows, vocab, grad_scale);
