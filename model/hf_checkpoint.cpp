@@ -111,23 +111,23 @@ void save_peft_adapter(LlamaModel<T>& model, const std::string& dir) {
 }
 
 template <typename T>
-void save_hf_gradients(LlamaModel<T>& model, const std::string& path) {
+void save_hf_gradients(LlamaModel<T>& model, const std::string& path, bool write_file) {
   SafetensorsWriter writer;
   const ParamTable& table = model.param_table();
   for (size_t i = 0; i < table.size(); ++i) {
     std::vector<float> values = model.get_grad(i);
-    writer.add(table[i].name, table[i].shape, values.data());
+    if (write_file) writer.add(table[i].name, table[i].shape, values.data());
   }
-  writer.write(path);
+  if (write_file) writer.write(path);
 }
 
 template void load_hf_weights(LlamaModel<float>&, const SafetensorsReader&);
 template void load_hf_weights(LlamaModel<double>&, const SafetensorsReader&);
 template void save_hf_model(LlamaModel<float>&, const std::string&);
 template void save_hf_model(LlamaModel<double>&, const std::string&);
-template void save_hf_gradients(LlamaModel<float>&, const std::string&);
+template void save_hf_gradients(LlamaModel<float>&, const std::string&, bool);
 template void save_peft_adapter(LlamaModel<float>&, const std::string&);
 template void save_peft_adapter(LlamaModel<double>&, const std::string&);
-template void save_hf_gradients(LlamaModel<double>&, const std::string&);
+template void save_hf_gradients(LlamaModel<double>&, const std::string&, bool);
 
 }  // namespace freqkv

@@ -26,8 +26,10 @@ void save_hf_model(LlamaModel<T>& model, const std::string& dir);
 template <typename T>
 void save_peft_adapter(LlamaModel<T>& model, const std::string& dir);
 
-// Writes the gradient arena as an F32 safetensors file with the parameters' names.
+// Writes the gradients as an F32 safetensors file with the parameters' names. Under tensor
+// parallelism every rank of the tp group calls it (the shards are gathered) and the one with
+// write_file = true writes.
 template <typename T>
-void save_hf_gradients(LlamaModel<T>& model, const std::string& path);
+void save_hf_gradients(LlamaModel<T>& model, const std::string& path, bool write_file = true);
 
 }  // namespace freqkv

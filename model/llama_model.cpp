@@ -18,8 +18,45 @@ LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
       kernels_(kernels),
       table_(llama_param_table(config, lora)) {
   if (freqkv_.enabled) freqkv_.validate();
-  params_ = Buffer<T>(kernels_, table_.total_numel());
-  grads_ = Buffer<T>(kernels_, table_.total_numel());
+  if (parallel_.tp && parallel_.tp->size() > 1) {
+    tp_rank_ = parallel_.tp->rank();
+    tp_size_ = parallel_.tp->size();
+  } else {
+    parallel_.tp = nullptr;
+  }
+  if (parallel_.sp && parallel_.sp->size() == 1) parallel_.sp = nullptr;
+  const auto require_divisible = [&](const char* what, int64_t value) {
+    if (value % tp_size_ != 0)
+      throw std::invalid_argument(std::string("tensor parallelism: ") + what + " = " +
+                                  std::to_string(value) + " is not divisible by tp = " +
+                                  std::to_string(tp_size_) + " (choose a tp that divides it)");
+  };
+  require_divisible("num_attention_heads", config_.num_attention_heads);
+  require_divisible("num_key_value_heads", config_.num_key_value_heads);
+  require_divisible("intermediate_size", config_.intermediate_size);
+  require_divisible("vocab_size", config_.vocab_size);
+  vocab_local_ = config_.vocab_size / tp_size_;
+  vocab_begin_ = tp_rank_ * vocab_local_;
+
+  // This rank's shard of each parameter, packed one after another in the arenas.
+  int64_t offset = 0;
+  for (size_t i = 0; i < table_.size(); ++i) {
+    const ParamSpec& spec = table_[i];
+    LocalParam lp;
+    lp.shape = spec.shape;
+    if (tp_size_ > 1 && spec.shard == ShardKind::kColumn) lp.split_dim = 0;
+    if (tp_size_ > 1 && spec.shard == ShardKind::kRow) lp.split_dim = 1;
+    if (lp.split_dim >= 0) lp.shape[lp.split_dim] /= tp_size_;
+    lp.numel = 1;
+    for (int64_t d : lp.shape) lp.numel *= d;
+    lp.offset = offset;
+    offset += lp.numel;
+    local_.push_back(lp);
+    if (tp_size_ > 1 && spec.role == ParamRole::kLoraA && spec.shard == ShardKind::kReplicated)
+      column_lora_a_.push_back(static_cast<int64_t>(i));
+  }
+  params_ = Buffer<T>(kernels_, offset);
+  grads_ = Buffer<T>(kernels_, offset);
   trainable_.assign(table_.size(), 1);
   embed_index_ = table_.find("model.embed_tokens.weight");
   final_norm_index_ = table_.find("model.norm.weight");
@@ -39,42 +76,105 @@ LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
       lin.weight = table_.find(module + ".weight");
       lin.lora_a = table_.find(module + ".lora_A.weight");
       lin.lora_b = table_.find(module + ".lora_B.weight");
-      lin.out = table_[lin.weight].shape[0];
-      lin.in = table_[lin.weight].shape[1];
+      lin.out = local_[lin.weight].shape[0];
+      lin.in = local_[lin.weight].shape[1];
     }
     layers_.push_back(p);
   }
 }
 
 template <typename T>
+template <typename U>
+std::vector<U> LlamaModel<T>::slice_local(size_t i, const U* logical) const {
+  const LocalParam& lp = local_[i];
+  if (lp.split_dim < 0) return std::vector<U>(logical, logical + lp.numel);
+  const std::vector<int64_t>& full = table_[i].shape;
+  if (lp.split_dim == 0) {  // a block of rows
+    const int64_t begin = tp_rank_ * lp.numel;
+    return std::vector<U>(logical + begin, logical + begin + lp.numel);
+  }
+  std::vector<U> out(static_cast<size_t>(lp.numel));  // a block of columns of every row
+  const int64_t cols = lp.shape[1], c0 = tp_rank_ * cols;
+  for (int64_t r = 0; r < full[0]; ++r)
+    std::copy(logical + r * full[1] + c0, logical + r * full[1] + c0 + cols, out.begin() + r * cols);
+  return out;
+}
+
+template <typename T>
+template <typename U>
+std::vector<U> LlamaModel<T>::to_logical(size_t i, const std::vector<U>& gathered) const {
+  // gathered = the ranks' shards one after another; row splits are already the logical layout.
+  const LocalParam& lp = local_[i];
+  if (lp.split_dim != 1) return gathered;
+  const std::vector<int64_t>& full = table_[i].shape;
+  const int64_t cols = lp.shape[1];
+  std::vector<U> out(gathered.size());
+  for (int r = 0; r < tp_size_; ++r)
+    for (int64_t row = 0; row < full[0]; ++row)
+      std::copy(gathered.begin() + r * lp.numel + row * cols,
+                gathered.begin() + r * lp.numel + (row + 1) * cols,
+                out.begin() + row * full[1] + r * cols);
+  return out;
+}
+
+template <typename T>
 void LlamaModel<T>::set_param(size_t i, const float* host) {
-  kernels_.upload(param(i), host, table_[i].numel());
+  const std::vector<float> local = slice_local(i, host);
+  kernels_.upload(param(i), local.data(), local_[i].numel);
 }
 
 template <typename T>
 void LlamaModel<T>::set_param(size_t i, const double* host) {
-  kernels_.upload(param(i), host, table_[i].numel());
+  const std::vector<double> local = slice_local(i, host);
+  kernels_.upload(param(i), local.data(), local_[i].numel);
+}
+
+template <typename T>
+void LlamaModel<T>::set_param_local(size_t i, const float* host) {
+  kernels_.upload(param(i), host, local_[i].numel);
+}
+
+template <typename T>
+std::vector<float> LlamaModel<T>::get_param_local(size_t i) {
+  std::vector<float> out(static_cast<size_t>(local_[i].numel));
+  kernels_.download(out.data(), param(i), local_[i].numel);
+  return out;
+}
+
+template <typename T>
+std::vector<float> LlamaModel<T>::gather_logical(size_t i, const std::vector<float>& local) {
+  if (local_[i].split_dim < 0) return local;
+  const int64_t n = local_[i].numel;
+  Buffer<float> mine(kernels_, n), all(kernels_, n * tp_size_);  // the group's memory
+  kernels_.copy_to_device(mine.data(), local.data(), static_cast<size_t>(n) * sizeof(float));
+  parallel_.tp->all_gather(mine.data(), all.data(), n);
+  std::vector<float> gathered(static_cast<size_t>(n * tp_size_));
+  kernels_.copy_to_host(gathered.data(), all.data(), gathered.size() * sizeof(float));
+  return to_logical(i, gathered);
 }
 
 template <typename T>
 std::vector<float> LlamaModel<T>::get_param(size_t i) {
-  std::vector<float> out(static_cast<size_t>(table_[i].numel()));
-  kernels_.download(out.data(), param(i), table_[i].numel());
-  return out;
+  return gather_logical(i, get_param_local(i));
 }
 
 template <typename T>
 std::vector<float> LlamaModel<T>::get_grad(size_t i) {
-  std::vector<float> out(static_cast<size_t>(table_[i].numel()));
-  kernels_.download(out.data(), grad(i), table_[i].numel());
-  return out;
+  std::vector<float> local(static_cast<size_t>(local_[i].numel));
+  kernels_.download(local.data(), grad(i), local_[i].numel);
+  return gather_logical(i, local);
 }
 
 template <typename T>
 std::vector<double> LlamaModel<T>::get_grad_f64(size_t i) {
-  std::vector<double> out(static_cast<size_t>(table_[i].numel()));
-  kernels_.download(out.data(), grad(i), table_[i].numel());
-  return out;
+  std::vector<double> local(static_cast<size_t>(local_[i].numel));
+  kernels_.download(local.data(), grad(i), local_[i].numel);
+  if (local_[i].split_dim < 0) return local;
+  Buffer<T> all(kernels_, local_[i].numel * tp_size_);
+  parallel_.tp->all_gather(grad(i), all.data(), local_[i].numel);
+  std::vector<double> gathered(static_cast<size_t>(all.size()));
+  kernels_.download(gathered.data(), all.data(), all.size());
+  return to_logical(i, gathered);
 }
 
 template <typename T>
@@ -145,9 +245,10 @@ template <typename T>
 void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   if (batch == batch_ && seq_len == seq_len_) return;
   const ModelConfig& c = config_;
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
-  const int64_t q_width = c.num_attention_heads * c.head_dim;
-  const int64_t kv_width = 2 * c.num_key_value_heads * c.head_dim;  // K columns, then V columns
+  const int64_t H = c.hidden_size, I = c.intermediate_size / tp_size_;
+  const int64_t q_width = c.num_attention_heads / tp_size_ * c.head_dim;
+  // This rank's key/value heads: K columns, then V columns.
+  const int64_t kv_width = 2 * c.num_key_value_heads / tp_size_ * c.head_dim;
 
   schedule_ = FreqKVSchedule::build(seq_len, freqkv_);
   shard_ = sequence_shard(seq_len);
@@ -197,7 +298,7 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
     a.q = Buffer<T>(kernels_, N * q_width);
     a.kv_rows = Buffer<T>(kernels_, batch * R * kv_width);
     a.att = Buffer<T>(kernels_, N * q_width);
-    a.lse = Buffer<Acc<T>>(kernels_, N * c.num_attention_heads);
+    a.lse = Buffer<Acc<T>>(kernels_, N * c.num_attention_heads / tp_size_);
     a.res_mid = Buffer<T>(kernels_, N * H);
     a.norm2 = Buffer<T>(kernels_, N * H);
     a.rstd2 = Buffer<Acc<T>>(kernels_, N);
@@ -211,7 +312,8 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   final_norm_ = Buffer<T>(kernels_, N * H);
   final_rstd_ = Buffer<Acc<T>>(kernels_, N);
   losses_ = Buffer<Acc<T>>(kernels_, N);
-  logits_ = Buffer<T>(kernels_, std::min(classifier_rows_, N) * c.vocab_size);
+  logits_ = Buffer<T>(kernels_, std::min(classifier_rows_, N) * vocab_local_);
+  tp_stats_ = Buffer<Acc<T>>(kernels_, tp_size_ > 1 ? classifier_rows_ * (tp_size_ + 2) : 0);
   kv_ext_ = Buffer<T>(kernels_, (sink_rows_ + N) * kv_width);
   memory_buffer_ = Buffer<T>(
       kernels_, sh.memory_in_row >= 0 || sh.memory_out_row >= 0
@@ -237,7 +339,7 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
 
 template <typename T>
 void LlamaModel<T>::apply_compressions(T* kv_rows, bool backward) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const auto& steps = shard_.compressions;
   for (int64_t b = 0; b < batch_; ++b) {
     T* base = kv_rows + b * shard_.kv_rows * width;
@@ -286,10 +388,49 @@ void LlamaModel<T>::linear_backward(const Linear& lin, const Buffer<T>& xa, cons
   k.gemm(false, false, N, r, lin.out, s, dy, ld_dy, param(lin.lora_b), r, 0.0, d_xa, r);
   if (trainable(lin.lora_b))
     k.gemm(true, false, lin.out, r, N, s, dy, ld_dy, xa.data(), r, 1.0, grad(lin.lora_b), r);
+  // A column-parallel layer's ranks each hold some output columns: d(x A^T) is their sum. With
+  // it complete, A's gradient is the same on every rank, and x's share is added once (rank 0),
+  // since the caller sums the input gradient over the ranks.
+  const bool column_parallel = tp_size_ > 1 && table_[lin.weight].shard == ShardKind::kColumn;
+  if (column_parallel) parallel_.tp->all_reduce_sum(d_xa, N * r);
   if (trainable(lin.lora_a))
     k.gemm(true, false, r, lin.in, N, 1.0, d_xa, r, x, ld_x, 1.0, grad(lin.lora_a), lin.in);
-  k.gemm(false, false, N, lin.in, r, 1.0, d_xa, r, param(lin.lora_a), lin.in, 1.0, dx, ld_dx);
+  if (!column_parallel || tp_rank_ == 0)
+    k.gemm(false, false, N, lin.in, r, 1.0, d_xa, r, param(lin.lora_a), lin.in, 1.0, dx, ld_dx);
 }
+
+template <typename T>
+void LlamaModel<T>::row_parallel_forward(const Linear& lin, Buffer<T>& xa, const T* x,
+                                         int64_t ld_x, const T* residual, T* y) {
+  const int64_t N = n_tokens_, H = config_.hidden_size;
+  Kernels<T>& k = kernels_;
+  const size_t bytes = static_cast<size_t>(N * H) * sizeof(T);
+  if (tp_size_ == 1) {
+    k.copy_on_device(y, residual, bytes);
+    linear_forward(lin, xa, x, ld_x, y, H, 1.0);
+    return;
+  }
+  // Each rank multiplies its slice of the input features; the sum over ranks (one all-reduce)
+  // is the output. The residual and the LoRA term are added by rank 0 only.
+  if (tp_rank_ == 0) k.copy_on_device(y, residual, bytes);
+  else k.fill_zero(y, bytes);
+  k.gemm(false, true, N, lin.out, lin.in, 1.0, x, ld_x, param(lin.weight), lin.in, 1.0, y, H);
+  if (lin.lora_a >= 0) {
+    const int64_t r = lora_.rank;
+    k.gemm(false, true, N, r, lin.in, 1.0, x, ld_x, param(lin.lora_a), lin.in, 0.0, xa.data(), r);
+    parallel_.tp->all_reduce_sum(xa.data(), N * r);  // x A^T over all input features
+    if (tp_rank_ == 0)
+      k.gemm(false, true, N, lin.out, r, lora_.scaling(), xa.data(), r, param(lin.lora_b), r, 1.0,
+             y, H);
+  }
+  parallel_.tp->all_reduce_sum(y, N * H);
+}
+
+template <typename T>
+void LlamaModel<T>::reduce_input_grad(T* dx, int64_t n) {
+  if (tp_size_ > 1) parallel_.tp->all_reduce_sum(dx, n);
+}
+
 
 // ---- sequence parallelism: what crosses ranks ---------------------------------------------------
 // Forward: the S sink rows of every sequence from sp rank 0 (broadcast) and the L-row memory
@@ -299,7 +440,7 @@ void LlamaModel<T>::linear_backward(const Linear& lin, const Buffer<T>& xa, cons
 
 template <typename T>
 void LlamaModel<T>::exchange_sinks_forward(T* kv_ext) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim, S = freqkv_.sink;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim, S = freqkv_.sink;
   Communicator& sp = *parallel_.sp;
   if (sp.rank() == 0)  // rank 0 holds tokens 0..S-1 of every sequence
     for (int64_t b = 0; b < batch_; ++b)
@@ -310,7 +451,7 @@ void LlamaModel<T>::exchange_sinks_forward(T* kv_ext) {
 
 template <typename T>
 void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim, S = freqkv_.sink;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim, S = freqkv_.sink;
   Communicator& sp = *parallel_.sp;
   sp.reduce_sum_to(d_kv_ext, sink_rows_ * width, 0);
   if (sp.rank() == 0)
@@ -321,7 +462,7 @@ void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
 
 template <typename T>
 void LlamaModel<T>::memory_in_forward(T* kv_rows) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed();
   Communicator& sp = *parallel_.sp;
   sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
@@ -333,7 +474,7 @@ void LlamaModel<T>::memory_in_forward(T* kv_rows) {
 
 template <typename T>
 void LlamaModel<T>::memory_in_backward(const T* d_kv_rows) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed();
   Communicator& sp = *parallel_.sp;
   for (int64_t b = 0; b < batch_; ++b)
@@ -345,7 +486,7 @@ void LlamaModel<T>::memory_in_backward(const T* d_kv_rows) {
 
 template <typename T>
 void LlamaModel<T>::memory_out_forward(const T* kv_rows) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
   Communicator& sp = *parallel_.sp;
   for (int64_t b = 0; b < batch_; ++b)
@@ -357,7 +498,7 @@ void LlamaModel<T>::memory_out_forward(const T* kv_rows) {
 
 template <typename T>
 void LlamaModel<T>::memory_out_backward(T* d_kv_rows) {
-  const int64_t width = 2 * config_.num_key_value_heads * config_.head_dim;
+  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
   Communicator& sp = *parallel_.sp;
   sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() + 1);
@@ -370,8 +511,10 @@ void LlamaModel<T>::memory_out_backward(T* d_kv_rows) {
 template <typename T>
 void LlamaModel<T>::layer_forward(int64_t l) {
   const ModelConfig& c = config_;
-  const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
-  const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  // This rank's heads and FFN columns (all of them without tensor parallelism).
+  const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size / tp_size_;
+  const int64_t D = c.head_dim;
+  const int64_t Hq = c.num_attention_heads / tp_size_, Hkv = c.num_key_value_heads / tp_size_;
   const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
   const LayerParams& p = layers_[l];
   LayerActivations& a = acts_[l];
@@ -403,8 +546,7 @@ void LlamaModel<T>::layer_forward(int64_t l) {
                         1.0 / std::sqrt(static_cast<double>(D))};
   k.attention_forward(a.att.data(), q_width, a.lse.data(), a.q.data(), q_width, kv_rows,
                       kv_rows + k_width, kv_width, blocks_, shape);
-  k.copy_on_device(a.res_mid.data(), x, static_cast<size_t>(N * H) * sizeof(T));
-  linear_forward(p.linear[kO], a.lora_xa[kO], a.att.data(), q_width, a.res_mid.data(), H, 1.0);
+  row_parallel_forward(p.linear[kO], a.lora_xa[kO], a.att.data(), q_width, x, a.res_mid.data());
 
   // MLP block: down(silu(gate(x)) * up(x)).
   k.rmsnorm_forward(a.norm2.data(), a.rstd2.data(), a.res_mid.data(), param(p.post_norm), N, H,
@@ -412,8 +554,8 @@ void LlamaModel<T>::layer_forward(int64_t l) {
   linear_forward(p.linear[kGate], a.lora_xa[kGate], a.norm2.data(), H, a.gate.data(), I, 0.0);
   linear_forward(p.linear[kUp], a.lora_xa[kUp], a.norm2.data(), H, a.up.data(), I, 0.0);
   k.swiglu_forward(a.swiglu.data(), a.gate.data(), a.up.data(), N * I);
-  k.copy_on_device(out, a.res_mid.data(), static_cast<size_t>(N * H) * sizeof(T));
-  linear_forward(p.linear[kDown], a.lora_xa[kDown], a.swiglu.data(), I, out, H, 1.0);
+  row_parallel_forward(p.linear[kDown], a.lora_xa[kDown], a.swiglu.data(), I, a.res_mid.data(),
+                       out);
 }
 
 template <typename T>
@@ -441,12 +583,33 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
   k.copy_to_device(inputs_.data(), inputs, static_cast<size_t>(N) * sizeof(int32_t));
   k.copy_to_device(targets_.data(), targets, static_cast<size_t>(N) * sizeof(int32_t));
 
-  k.embedding_forward(residual_[0].data(), param(embed_index_), inputs_.data(), N, H);
+  if (tp_size_ == 1) {
+    k.embedding_forward(residual_[0].data(), param(embed_index_), inputs_.data(), N, H);
+  } else {  // vocabulary-parallel: each rank looks up the tokens it holds, the sum is the lookup
+    host_embed_rows_.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t row = inputs[n] - vocab_begin_;
+      host_embed_rows_[n] = row >= 0 && row < vocab_local_ ? row : -1;
+    }
+    if (embed_rows_.size() != N) embed_rows_ = Buffer<int64_t>(kernels_, N);
+    k.copy_to_device(embed_rows_.data(), host_embed_rows_.data(),
+                     static_cast<size_t>(N) * sizeof(int64_t));
+    k.fill_zero(residual_[0].data(), static_cast<size_t>(N * H) * sizeof(T));
+    k.gather_rows(residual_[0].data(), H, param(embed_index_), H, embed_rows_.data(), N, H);
+    parallel_.tp->all_reduce_sum(residual_[0].data(), N * H);
+  }
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) layer_forward(l);
   k.rmsnorm_forward(final_norm_.data(), final_rstd_.data(), residual_[c.num_hidden_layers].data(),
                     param(final_norm_index_), N, H, c.rms_norm_eps);
 
   // Fused classifier: logits, loss and (when training) their gradient, block by block.
+  have_grad_state_ = grad_scale != 0.0;
+  if (tp_size_ > 1) {
+    for (int64_t r0 = 0; r0 < N; r0 += classifier_rows_)
+      classifier_block_tp(r0, std::min(classifier_rows_, N - r0), grad_scale, targets, result);
+    if (have_grad_state_) reduce_input_grad(d_final_norm_.data(), N * H);
+    return result;
+  }
   const T* head = param(lm_head_index_);
   T* d_head = grad(lm_head_index_);
   for (int64_t r0 = 0; r0 < N; r0 += classifier_rows_) {
@@ -465,15 +628,57 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
   std::vector<Acc<T>> losses(static_cast<size_t>(N));
   k.copy_to_host(losses.data(), losses_.data(), static_cast<size_t>(N) * sizeof(Acc<T>));
   for (Acc<T> v : losses) result.sum += static_cast<double>(v);
-  have_grad_state_ = grad_scale != 0.0;
   return result;
+}
+
+template <typename T>
+void LlamaModel<T>::classifier_block_tp(int64_t r0, int64_t rows, double grad_scale,
+                                        const int32_t* targets, LossSum& result) {
+  // Vocabulary-parallel cross-entropy: each rank scores its vocabulary slice; the ranks' local
+  // log-sum-exps and the owner's target logit make the loss, and the global log-sum-exp the
+  // gradient of each slice. Only rows x (tp ranks) numbers cross ranks, never the logits.
+  const int64_t H = config_.hidden_size, V = vocab_local_;
+  Kernels<T>& k = kernels_;
+  const T* x = final_norm_.data() + r0 * H;
+  const T* head = param(lm_head_index_);
+  k.gemm(false, true, rows, V, H, 1.0, x, H, head, H, 0.0, logits_.data(), V);
+  Acc<T>* lse = tp_stats_.data();                         // [rows] local, then global
+  Acc<T>* lse_all = tp_stats_.data() + classifier_rows_;  // [tp][rows]
+  Acc<T>* target_logit = lse_all + classifier_rows_ * tp_size_;
+  k.cross_entropy_stats(lse, target_logit, logits_.data(), V, targets_.data() + r0, rows, V,
+                        vocab_begin_);
+  parallel_.tp->all_gather(lse, lse_all, rows);
+  parallel_.tp->all_reduce_sum(target_logit, rows);
+  std::vector<Acc<T>> all(static_cast<size_t>(rows * tp_size_)), target(static_cast<size_t>(rows)),
+      global(static_cast<size_t>(rows));
+  k.copy_to_host(all.data(), lse_all, all.size() * sizeof(Acc<T>));
+  k.copy_to_host(target.data(), target_logit, target.size() * sizeof(Acc<T>));
+  for (int64_t n = 0; n < rows; ++n) {
+    double m = static_cast<double>(all[n]);
+    for (int r = 1; r < tp_size_; ++r) m = std::max(m, static_cast<double>(all[r * rows + n]));
+    double sum = 0;
+    for (int r = 0; r < tp_size_; ++r) sum += std::exp(static_cast<double>(all[r * rows + n]) - m);
+    const double row_lse = m + std::log(sum);
+    global[n] = static_cast<Acc<T>>(row_lse);
+    if (targets[r0 + n] >= 0) result.sum += row_lse - static_cast<double>(target[n]);
+  }
+  if (grad_scale == 0.0) return;
+  k.copy_to_device(lse, global.data(), global.size() * sizeof(Acc<T>));
+  k.cross_entropy_grad(logits_.data(), V, lse, targets_.data() + r0, rows, V, vocab_begin_,
+                       grad_scale);
+  k.gemm(false, false, rows, H, V, 1.0, logits_.data(), V, head, H, 0.0,
+         d_final_norm_.data() + r0 * H, H);
+  if (trainable(lm_head_index_))
+    k.gemm(true, false, V, H, rows, 1.0, logits_.data(), V, x, H, 1.0, grad(lm_head_index_), H);
 }
 
 template <typename T>
 void LlamaModel<T>::layer_backward(int64_t l) {
   const ModelConfig& c = config_;
-  const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
-  const int64_t Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  // This rank's heads and FFN columns (all of them without tensor parallelism).
+  const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size / tp_size_;
+  const int64_t D = c.head_dim;
+  const int64_t Hq = c.num_attention_heads / tp_size_, Hkv = c.num_key_value_heads / tp_size_;
   const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
   const LayerParams& p = layers_[l];
   LayerActivations& a = acts_[l];
@@ -489,6 +694,7 @@ void LlamaModel<T>::layer_backward(int64_t l) {
                   d_norm_.data(), H, 0.0);
   linear_backward(p.linear[kUp], a.lora_xa[kUp], d_up_.data(), I, a.norm2.data(), H,
                   d_norm_.data(), H, 1.0);
+  reduce_input_grad(d_norm_.data(), N * H);
   k.rmsnorm_backward(d_res, grad(p.post_norm), d_norm_.data(), a.res_mid.data(),
                      param(p.post_norm), a.rstd2.data(), N, H);
 
@@ -520,6 +726,7 @@ void LlamaModel<T>::layer_backward(int64_t l) {
                   H, 1.0);
   linear_backward(p.linear[kV], a.lora_xa[kV], d_kv + k_width, kv_width, a.norm1.data(), H,
                   d_norm_.data(), H, 1.0);
+  reduce_input_grad(d_norm_.data(), N * H);
   k.rmsnorm_backward(d_res, grad(p.input_norm), d_norm_.data(), residual_[l].data(),
                      param(p.input_norm), a.rstd1.data(), N, H);
 }
@@ -536,8 +743,12 @@ void LlamaModel<T>::backward() {
                      residual_[c.num_hidden_layers].data(), param(final_norm_index_),
                      final_rstd_.data(), N, H);
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) layer_backward(l);
-  if (trainable(embed_index_))
-    k.embedding_backward(grad(embed_index_), d_residual_.data(), inputs_.data(), N, H);
+  if (trainable(embed_index_)) {
+    if (tp_size_ == 1)
+      k.embedding_backward(grad(embed_index_), d_residual_.data(), inputs_.data(), N, H);
+    else  // the rows this rank holds
+      k.scatter_add_rows(grad(embed_index_), H, d_residual_.data(), H, embed_rows_.data(), N, H);
+  }
   have_grad_state_ = false;
 }
 

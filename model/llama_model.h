@@ -25,8 +25,12 @@ struct LossSum {
 };
 
 // The groups a model shards itself over (nullptr: not parallel in that dimension).
+//   tp: Megatron-style tensor parallelism -- heads and FFN columns split (q/k/v, gate/up are
+//       column-parallel, o/down row-parallel), vocabulary-parallel embedding, LM head and
+//       cross-entropy; each rank holds its shard of those weights (the table's ShardKind).
 //   sp: the FreqKV chunks of each sequence are split among the ranks (see SequenceShard).
 struct ModelParallel {
+  Communicator* tp = nullptr;
   Communicator* sp = nullptr;
 };
 
@@ -54,19 +58,35 @@ class LlamaModel {
   const LoraConfig& lora_config() const { return lora_; }
   const ParamTable& param_table() const { return table_; }
   Kernels<T>& kernels() { return kernels_; }
+  Communicator* tp_group() const { return parallel_.tp; }
 
-  // The arenas: every parameter (and its gradient) at param_table()[i].offset.
+  // The arenas: this rank's shard of every parameter (and of its gradient), one after another.
   T* params() { return params_.data(); }
   T* grads() { return grads_.data(); }
-  T* param(size_t i) { return params_.data() + table_[i].offset; }
-  T* grad(size_t i) { return grads_.data() + table_[i].offset; }
+  int64_t arena_numel() const { return params_.size(); }
+  T* param(size_t i) { return params_.data() + local_[i].offset; }
+  T* grad(size_t i) { return grads_.data() + local_[i].offset; }
+  // This rank's shard of parameter i (the whole tensor unless tensor parallelism splits it).
+  int64_t local_numel(size_t i) const { return local_[i].numel; }
+  const std::vector<int64_t>& local_shape(size_t i) const { return local_[i].shape; }
+  bool sharded(size_t i) const { return local_[i].split_dim >= 0; }
 
-  // Host copies of one parameter or gradient (row-major, logical shape).
+  // Host copies of one parameter or gradient in its logical (unsharded) shape, row-major. With
+  // tensor parallelism set_param keeps this rank's slice, and the getters gather the shards:
+  // a collective of the tp group (every rank of it calls them together).
   void set_param(size_t i, const float* host);
   void set_param(size_t i, const double* host);
   std::vector<float> get_param(size_t i);
   std::vector<float> get_grad(size_t i);
   std::vector<double> get_grad_f64(size_t i);
+  // The same for this rank's shard only (no communication).
+  void set_param_local(size_t i, const float* host);
+  std::vector<float> get_param_local(size_t i);
+  // Logical <-> shard for any per-parameter host array (optimiser states): gather is a
+  // collective of the tp group.
+  std::vector<float> gather_logical(size_t i, const std::vector<float>& local);
+  template <typename U>
+  std::vector<U> slice_local(size_t i, const U* logical) const;
 
   // Random initialisation: N(0, std) for matrices, ones for norm weights, LoRA as init_lora;
   // deterministic in seed.
@@ -121,6 +141,17 @@ class LlamaModel {
   // dx = dx_beta * dx + dy W (+ the adapter's share); weight gradients += for trainable ones.
   void linear_backward(const Linear& lin, const Buffer<T>& xa, const T* dy, int64_t ld_dy,
                        const T* x, int64_t ld_x, T* dx, int64_t ld_dx, double dx_beta);
+  // Row-parallel output: y = residual + x W^T summed over the tp ranks (Megatron's g: all-reduce
+  // forward, identity backward).
+  void row_parallel_forward(const Linear& lin, Buffer<T>& xa, const T* x, int64_t ld_x,
+                            const T* residual, T* y);
+  // Column-parallel inputs: the input gradient is summed over the tp ranks (Megatron's f:
+  // identity forward, all-reduce backward).
+  void reduce_input_grad(T* dx, int64_t n);
+  void classifier_block_tp(int64_t r0, int64_t rows, double grad_scale, const int32_t* targets,
+                           LossSum& result);
+  template <typename U>
+  std::vector<U> to_logical(size_t i, const std::vector<U>& gathered) const;
   void prepare(int64_t batch, int64_t seq_len);  // allocates activations and the schedule
   void layer_forward(int64_t l);
   void layer_backward(int64_t l);
@@ -142,6 +173,17 @@ class LlamaModel {
   ParamTable table_;
   std::vector<LayerParams> layers_;
   std::vector<char> trainable_;
+  struct LocalParam {
+    std::vector<int64_t> shape;
+    int64_t offset = 0, numel = 0;
+    int split_dim = -1;  // the dimension tensor parallelism splits, -1: whole on every rank
+  };
+  std::vector<LocalParam> local_;
+  int tp_rank_ = 0, tp_size_ = 1;
+  int64_t vocab_begin_ = 0, vocab_local_ = 0;  // this rank's rows of embeddings and LM head
+  std::vector<int64_t> column_lora_a_;  // LoRA A of column-parallel layers: gradient summed over tp
+  Buffer<int64_t> embed_rows_;          // vocabulary-parallel lookup: local row per token or -1
+  std::vector<int64_t> host_embed_rows_;
   Buffer<T> params_, grads_;
   int64_t embed_index_ = 0, final_norm_index_ = 0, lm_head_index_ = 0;
   int64_t classifier_rows_ = 1024;
@@ -160,7 +202,7 @@ class LlamaModel {
   std::vector<Buffer<T>> residual_;
   std::vector<LayerActivations> acts_;
   Buffer<T> final_norm_, logits_, kv_ext_, memory_buffer_;
-  Buffer<Acc<T>> final_rstd_, losses_;
+  Buffer<Acc<T>> final_rstd_, losses_, tp_stats_;
   // Backward scratch.
   Buffer<T> d_residual_, d_final_norm_, d_norm_, d_q_, d_kv_rows_, d_kv_ext_, d_att_, d_swiglu_,
       d_gate_, d_up_, d_lora_xa_;

@@ -35,12 +35,12 @@ MpiCommunicator& world() {
 
 ModelConfig small_config() {
   ModelConfig c;
-  c.vocab_size = 37;
+  c.vocab_size = 40;  // divisible by every tp tried, as are heads and FFN columns
   c.hidden_size = 16;
-  c.intermediate_size = 20;
+  c.intermediate_size = 24;
   c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 4;
   c.head_dim = 4;
   c.rope_theta = 500.0;
   return c;
@@ -76,10 +76,9 @@ std::pair<double, std::vector<std::vector<double>>> loss_and_grads(const ModelCo
                                                                    const FreqKVConfig& f,
                                                                    const LoraConfig& lora,
                                                                    const Batch& data,
-                                                                   Communicator* sp) {
+                                                                   const ModelParallel& parallel) {
   CpuKernels<T> k;
-  ModelParallel parallel;
-  parallel.sp = sp;
+  Communicator* sp = parallel.sp;
   LlamaModel<T> model(c, f, k, lora, parallel);
   model.init_random(77, 0.3);
   if (lora.enabled) {  // non-zero B so that every adapter factor carries gradient
@@ -89,6 +88,11 @@ std::pair<double, std::vector<std::vector<double>>> loss_and_grads(const ModelCo
       for (size_t e = 0; e < v.size(); ++e) v[e] = 0.05 * std::sin(1.0 + e);
       model.set_param(i, v.data());
     }
+  }
+  if (parallel.tp && parallel.tp->size() > 1) {  // the weights really are split
+    const size_t q = static_cast<size_t>(model.param_table().find("model.layers.0.self_attn.q_proj.weight"));
+    EXPECT_TRUE(model.sharded(q));
+    EXPECT_EQ(model.local_numel(q) * parallel.tp->size(), model.param_table()[q].numel());
   }
   const SequenceShard sh = model.sequence_shard(data.seq_len);
   std::vector<int32_t> inputs, targets;
@@ -102,14 +106,11 @@ std::pair<double, std::vector<std::vector<double>>> loss_and_grads(const ModelCo
   double loss = model.forward(inputs.data(), targets.data(), data.batch, data.seq_len, 0.01).sum;
   model.backward();
   if (sp) {
-    sp->all_reduce_sum(model.grads(), model.param_table().total_numel());
+    sp->all_reduce_sum(model.grads(), model.arena_numel());
     loss = sp->all_reduce_scalar(loss, ReduceOp::kSum);
   }
-  std::vector<std::vector<double>> grads;
-  for (size_t i = 0; i < model.param_table().size(); ++i) {
-    const std::vector<float> g = model.get_grad(i);
-    grads.emplace_back(g.begin(), g.end());
-  }
+  std::vector<std::vector<double>> grads;  // logical: tensor-parallel shards gathered
+  for (size_t i = 0; i < model.param_table().size(); ++i) grads.push_back(model.get_grad_f64(i));
   return {loss, grads};
 }
 
@@ -123,34 +124,70 @@ double relative_error(const std::vector<double>& a, const std::vector<double>& b
 }
 
 template <typename T>
-void expect_sp_matches_single_rank(const FreqKVConfig& f, const LoraConfig& lora, int64_t seq_len,
-                                   double tolerance) {
-  const ModelConfig c = small_config();
+void expect_parallel_matches_single_rank(const FreqKVConfig& f, const LoraConfig& lora,
+                                         int64_t seq_len, double tolerance, GridShape shape,
+                                         bool tied = false) {
+  ModelConfig c = small_config();
+  c.tie_word_embeddings = tied;
   const Batch data = make_batch(2, seq_len, c.vocab_size, 5);
-  const auto [ref_loss, ref_grads] = loss_and_grads<T>(c, f, lora, data, nullptr);
-  const auto [loss, grads] = loss_and_grads<T>(c, f, lora, data, &world());
+  const auto [ref_loss, ref_grads] = loss_and_grads<T>(c, f, lora, data, ModelParallel{});
+  ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), shape);
+  ModelParallel parallel;
+  parallel.tp = &grid.tp();
+  parallel.sp = &grid.sp();
+  const auto [loss, grads] = loss_and_grads<T>(c, f, lora, data, parallel);
   EXPECT_NEAR(loss, ref_loss, tolerance * std::abs(ref_loss));
   const ParamTable table = llama_param_table(c, lora);
+  ASSERT_EQ(grads.size(), table.size());
   for (size_t i = 0; i < grads.size(); ++i)
     EXPECT_LE(relative_error(grads[i], ref_grads[i]), tolerance) << table[i].name;
+}
+
+int ranks() { return world().size(); }
+
+LoraConfig some_lora() {
+  LoraConfig lora;
+  lora.enabled = true;
+  lora.rank = 2;
+  lora.targets = {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"};  // column and row layers
+  return lora;
 }
 
 TEST(SequenceParallel, LossAndGradientsMatchOneRankInDouble) {
   // C = 8, S = 2, r = 0.5: L = 3, step = 3; T = 26: chunks 8, 3 x 6: every rank count up to 4
   // gets whole chunks, memories and sinks cross every boundary.
-  expect_sp_matches_single_rank<double>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-12);
+  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-12,
+                                              {1, ranks(), 1});
 }
 
 TEST(SequenceParallel, NoSinkUnevenChunksAndLoraInDouble) {
-  LoraConfig lora;
-  lora.enabled = true;
-  lora.rank = 2;
-  lora.targets = {"q_proj", "v_proj", "down_proj"};
-  expect_sp_matches_single_rank<double>(freqkv(10, 0, 0.3), lora, 37, 1e-12);
+  expect_parallel_matches_single_rank<double>(freqkv(10, 0, 0.3), some_lora(), 37, 1e-12,
+                                              {1, ranks(), 1});
 }
 
 TEST(SequenceParallel, LossAndGradientsMatchOneRankInFloat) {
-  expect_sp_matches_single_rank<float>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-5);
+  expect_parallel_matches_single_rank<float>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-5,
+                                             {1, ranks(), 1});
+}
+
+TEST(TensorParallel, LossAndGradientsMatchOneRankInDouble) {
+  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-12,
+                                              {ranks(), 1, 1});
+}
+
+TEST(TensorParallel, LoraAndTiedEmbeddingsInDouble) {
+  expect_parallel_matches_single_rank<double>(freqkv(10, 0, 0.3), some_lora(), 37, 1e-12,
+                                              {ranks(), 1, 1}, true);
+}
+
+TEST(TensorParallel, LossAndGradientsMatchOneRankInFloat) {
+  expect_parallel_matches_single_rank<float>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-5,
+                                             {ranks(), 1, 1});
+}
+
+TEST(TensorAndSequenceParallel, TwoByTwoMatchesOneRankInDouble) {
+  if (ranks() != 4) GTEST_SKIP() << "needs 4 ranks";
+  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12, {2, 2, 1});
 }
 
 TEST(SequenceParallel, TooFewChunksForTheRanksIsAClearError) {
@@ -195,7 +232,7 @@ class GridTraining : public ::testing::Test {
       write_hf_config(c, (dir_ / "config.json").string());
       std::mt19937 rng(9);
       std::vector<int32_t> tokens;
-      for (int i = 0; i < 5000; ++i) tokens.push_back(rng() % 9 == 0 ? rng() % 37 : (i * 5) % 31);
+      for (int i = 0; i < 5000; ++i) tokens.push_back(rng() % 9 == 0 ? rng() % 40 : (i * 5) % 31);
       write_token_file((dir_ / "tokens.bin").string(), tokens, TokenDType::U16);
     }
     world().barrier();
@@ -250,18 +287,18 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
   const std::vector<double> reference = losses("single");
   EXPECT_EQ(reference.size(), 6u);
 
-  std::vector<GridShape> shapes = {{1, n, 1}, {1, 1, n}};
-  if (n == 4) shapes.push_back({1, 2, 2});
+  std::vector<GridShape> shapes = {{1, n, 1}, {1, 1, n}, {n, 1, 1}};
+  if (n == 4) shapes.insert(shapes.end(), {{1, 2, 2}, {2, 2, 1}, {2, 1, 2}});
   for (const GridShape& shape : shapes) {
     for (const bool zero1 : {true, false}) {
     if (!zero1 && shape.dp == 1) continue;
-    const std::string run = "sp" + std::to_string(shape.sp) + "_dp" + std::to_string(shape.dp) +
-                            (zero1 ? "_zero1" : "");
+    const std::string run = "tp" + std::to_string(shape.tp) + "_sp" + std::to_string(shape.sp) +
+                            "_dp" + std::to_string(shape.dp) + (zero1 ? "_zero1" : "");
     {
       ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), shape);
       CpuKernels<float> k;
       TrainingRun<float>(config(run, {std::string("parallel.zero1=") + (zero1 ? "true" : "false")}),
-                         k, TrainGroups{&grid.world(), &grid.sp(), &grid.dp()})
+                         k, TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
           .run();
     }
     world().barrier();
@@ -272,12 +309,12 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
     }
   }
 
-  // Reshard: stop after 3 steps under sp = n, resume on one rank, then under dp = n.
+  // Reshard: stop after 4 steps under tp = n, resume on one rank, then under sp = n, dp = n.
   const std::string run = "reshard";
   {
-    ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), GridShape{1, n, 1});
+    ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), GridShape{n, 1, 1});
     CpuKernels<float> k;
-    TrainingRun<float>(config(run, {}), k, TrainGroups{&grid.world(), &grid.sp(), &grid.dp()})
+    TrainingRun<float>(config(run, {}), k, TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
         .run(4);
   }
   world().barrier();
@@ -287,11 +324,11 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
   }
   world().barrier();
   {
-    ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), GridShape{1, 1, n});
+    ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), GridShape{1, n, 1});
     CpuKernels<float> k;
     TrainingRun<float>(config(run, {"checkpoint.resume=latest"}), k,
-                       TrainGroups{&grid.world(), &grid.sp(), &grid.dp()})
-        .run();
+                       TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
+        .run(6);
   }
   world().barrier();
   const std::vector<double> resumed = losses(run);

@@ -32,6 +32,7 @@ int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFi
               ParallelGrid& grid) {
   CpuKernels<T> kernels;
   ModelParallel parallel;
+  if (grid.tp().size() > 1) parallel.tp = &grid.tp();
   if (grid.sp().size() > 1) parallel.sp = &grid.sp();
   LlamaModel<T> model(config, o.freqkv, kernels, LoraConfig(), parallel);
   load_hf_weights(model, SafetensorsReader::open_model_dir(o.model_dir));
@@ -89,14 +90,16 @@ int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFi
     total.count = static_cast<int64_t>(
         group->all_reduce_scalar(static_cast<double>(total.count), ReduceOp::kSum));
     if (want_grads && group->size() > 1)
-      group->all_reduce_sum(model.grads(), model.param_table().total_numel());
+      group->all_reduce_sum(model.grads(), model.arena_numel());
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const double loss = total.sum / static_cast<double>(total.count);
+  // Tensor-parallel shards are gathered by the ranks that hold them (sp and dp ranks hold copies).
+  if (want_grads && grid.sp_rank() == 0 && grid.dp_rank() == 0)
+    save_hf_gradients(model, o.grads_out, main_rank);
   if (!main_rank) return 0;
   if (want_grads) {
-    save_hf_gradients(model, o.grads_out);
     std::fprintf(stderr, "freqkv eval-loss: gradients of the mean loss written to %s\n",
                  o.grads_out.c_str());
   }
@@ -184,10 +187,6 @@ int run_eval_loss(const std::vector<std::string>& args) {
   const std::unique_ptr<ParallelGrid> grid = make_grid(shape);
   if (grid->world().size() > 1 && grid->world_rank() == 0)
     std::fprintf(stderr, "%s", grid->table().c_str());
-  if (shape.tp > 1)
-    throw std::invalid_argument("--tp " + std::to_string(shape.tp) +
-                                ": tensor parallelism is not available in this version; use --sp "
-                                "and --dp");
   return precision == "fp32" ? eval_loss<float>(o, config, tokens, *grid)
                              : eval_loss<double>(o, config, tokens, *grid);
 }

@@ -15,7 +15,8 @@ namespace {
 template <typename T>
 int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid) {
   CpuKernels<T> kernels;
-  TrainingRun<T> run(config, kernels, TrainGroups{&grid.world(), &grid.sp(), &grid.dp()});
+  TrainingRun<T> run(config, kernels,
+                     TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()});
   const TrainSummary s = run.run(stop_at);
   if (grid.world_rank() != 0) return 0;
   std::printf("freqkv train: done: steps %lld..%lld, last loss %.4f", static_cast<long long>(s.first_step),
@@ -65,10 +66,6 @@ int run_train(const std::vector<std::string>& args) {
                         static_cast<int>(config.parallel.dp)};
   const std::unique_ptr<ParallelGrid> grid = make_grid(shape);
   if (grid->world_rank() == 0) std::printf("%s", grid->table().c_str());
-  if (shape.tp > 1)
-    throw std::invalid_argument("parallel.tp = " + std::to_string(shape.tp) +
-                                ": tensor parallelism is not available in this version; use "
-                                "sequence (parallel.sp) and data (parallel.dp) parallelism");
   switch (config.device) {
     case TrainDevice::Cpu:
       if (config.precision == TrainPrecision::FP32) return train_with<float>(config, stop_at, *grid);

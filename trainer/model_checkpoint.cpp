@@ -20,24 +20,29 @@ void save_training_checkpoint(const std::string& path, LlamaModel<T>& model, Ada
                               int64_t step, const std::string& config_yaml, bool write_file) {
   std::optional<CheckpointWriter> writer;
   const ParamTable& table = model.param_table();
+  const bool has_state = optimizer.dp_rank() == 0;  // after gather_state
   if (write_file) {
     writer.emplace(path);
     writer->set_attribute("step", step);
     writer->set_attribute("optimizer_step", optimizer.step_count());
     writer->set_attribute("config_yaml", config_yaml);
     writer->set_attribute("model_config_json", hf_config_json(model.config()));
-    for (size_t i = 0; i < table.size(); ++i) {
-      const std::vector<float> values = model.get_param(i);
-      writer->write_tensor("model/" + table[i].name, table[i].shape, values.data());
-    }
+  }
+  for (size_t i = 0; i < table.size(); ++i) {
+    const std::vector<float> values = model.get_param(i);  // gathers tensor-parallel shards
+    if (writer) writer->write_tensor("model/" + table[i].name, table[i].shape, values.data());
   }
   for (size_t i = 0; i < table.size(); ++i) {
     if (optimizer.owner(i) < 0) continue;  // frozen
+    // ZeRO-1: from the owner to dp rank 0; tensor parallelism: the shards of the dp-rank-0
+    // ranks gathered over their tp group into the logical tensor.
     const AdamWParamState s = optimizer.gather_state(i);
-    if (!writer) continue;
+    if (!has_state) continue;
     const std::vector<float>* parts[] = {&s.master, &s.exp_avg, &s.exp_avg_sq};
-    for (int p = 0; p < 3; ++p)
-      writer->write_tensor(kStateGroups[p] + table[i].name, table[i].shape, parts[p]->data());
+    for (int p = 0; p < 3; ++p) {
+      const std::vector<float> logical = model.gather_logical(i, *parts[p]);
+      if (writer) writer->write_tensor(kStateGroups[p] + table[i].name, table[i].shape, logical.data());
+    }
   }
   if (writer) writer->commit();
 }
@@ -78,7 +83,8 @@ int64_t load_checkpoint_optimizer(const CheckpointReader& reader, AdamW<T>& opti
         throw std::runtime_error("checkpoint " + reader.path() + " has no optimiser state " + name +
                                  ": the parameter was frozen when it was written (did "
                                  "lora.trainable or lora.enabled change?)");
-      *parts[p] = reader.read_tensor(name);
+      const std::vector<float> logical = reader.read_tensor(name);
+      *parts[p] = optimizer.model().slice_local(i, logical.data());
     }
     optimizer.set_state(i, state);
   }

@@ -21,13 +21,13 @@ AdamW<T>::AdamW(LlamaModel<T>& model, const AdamWOptions& options, Communicator*
     // rank computes alike.
     std::vector<size_t> by_size = trainable;
     std::stable_sort(by_size.begin(), by_size.end(), [&](size_t a, size_t b) {
-      return table[a].numel() > table[b].numel();
+      return model_.local_numel(a) > model_.local_numel(b);
     });
     std::vector<int64_t> load(static_cast<size_t>(dp->size()), 0);
     for (size_t i : by_size) {
       const int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
       owner_[i] = r;
-      load[static_cast<size_t>(r)] += table[i].numel();
+      load[static_cast<size_t>(r)] += model_.local_numel(i);
     }
   } else {
     for (size_t i : trainable) owner_[i] = 0;
@@ -35,9 +35,9 @@ AdamW<T>::AdamW(LlamaModel<T>& model, const AdamWOptions& options, Communicator*
   const int my_rank = dp_ ? dp_->rank() : 0;
   for (size_t i : trainable) {
     if (owner_[i] != my_rank) continue;
-    const int64_t n = table[i].numel();
+    const int64_t n = model_.local_numel(i);  // this tp rank's shard
     Slot s{i, n, Buffer<float>(k, n), Buffer<float>(k, n), Buffer<float>(k, n), !table[i].is_norm()};
-    const std::vector<float> weights = model_.get_param(i);
+    const std::vector<float> weights = model_.get_param_local(i);
     k.copy_to_device(s.master.data(), weights.data(), static_cast<size_t>(n) * sizeof(float));
     slots_.push_back(std::move(s));
     indices_.push_back(i);
@@ -57,11 +57,16 @@ typename AdamW<T>::Slot& AdamW<T>::slot(size_t param_index) {
 
 template <typename T>
 double AdamW<T>::grad_norm() {
-  double sum = 0;
-  const ParamTable& table = model_.param_table();
-  for (size_t i = 0; i < table.size(); ++i)
-    if (owner_[i] >= 0) sum += model_.kernels().sum_squares(model_.grad(i), table[i].numel());
-  return std::sqrt(sum);
+  // Gradients are already summed over sp/dp. Tensor-parallel shards add up over the tp group;
+  // replicated parameters (norms) hold the same gradient on every tp rank and count once.
+  double sharded = 0, whole = 0;
+  for (size_t i = 0; i < owner_.size(); ++i) {
+    if (owner_[i] < 0) continue;
+    const double sq = model_.kernels().sum_squares(model_.grad(i), model_.local_numel(i));
+    (model_.sharded(i) ? sharded : whole) += sq;
+  }
+  if (Communicator* tp = model_.tp_group()) sharded = tp->all_reduce_scalar(sharded, ReduceOp::kSum);
+  return std::sqrt(sharded + whole);
 }
 
 template <typename T>
@@ -75,7 +80,7 @@ void AdamW<T>::step(double lr, double grad_scale) {
   if (!dp_) return;
   const ParamTable& table = model_.param_table();
   for (size_t i = 0; i < table.size(); ++i)
-    if (owner_[i] >= 0) dp_->broadcast(model_.param(i), table[i].numel(), owner_[i]);
+    if (owner_[i] >= 0) dp_->broadcast(model_.param(i), model_.local_numel(i), owner_[i]);
 }
 
 template <typename T>
@@ -99,7 +104,7 @@ AdamWParamState AdamW<T>::gather_state(size_t param_index) {
     throw std::out_of_range("AdamW: parameter " + model_.param_table()[param_index].name +
                             " is frozen and has no optimiser state");
   if (owner == 0) return me == 0 ? get_state(param_index) : AdamWParamState{};
-  const int64_t n = model_.param_table()[param_index].numel();
+  const int64_t n = model_.local_numel(param_index);
   if (me == owner) {
     Slot& s = slot(param_index);
     for (Buffer<float>* b : {&s.master, &s.exp_avg, &s.exp_avg_sq}) dp_->send(b->data(), n, 0);
@@ -129,7 +134,7 @@ void AdamW<T>::set_state(size_t param_index, const AdamWParamState& state) {
   k.copy_to_device(s.master.data(), state.master.data(), bytes);
   k.copy_to_device(s.exp_avg.data(), state.exp_avg.data(), bytes);
   k.copy_to_device(s.exp_avg_sq.data(), state.exp_avg_sq.data(), bytes);
-  model_.set_param(param_index, state.master.data());
+  model_.set_param_local(param_index, state.master.data());
 }
 
 template class AdamW<float>;

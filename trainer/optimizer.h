@@ -23,7 +23,8 @@ struct AdamWOptions {
   double weight_decay = 0.0;
 };
 
-// The optimiser state of one parameter, as fp32 host arrays (checkpoints, resharding).
+// The optimiser state of one parameter's shard on this rank (all of it without tensor
+// parallelism), as fp32 host arrays (checkpoints, resharding).
 struct AdamWParamState {
   std::vector<float> master, exp_avg, exp_avg_sq;
 };
@@ -43,6 +44,7 @@ class AdamW {
   void step(double lr, double grad_scale);
 
   LlamaModel<T>& model() { return model_; }
+  int dp_rank() const { return dp_ ? dp_->rank() : 0; }
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t steps) { step_count_ = steps; }
   // Parameter indices (into the model's table) that have state on this rank, in table order.

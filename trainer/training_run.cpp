@@ -33,6 +33,7 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
     : config_(config),
       kernels_(kernels),
       world_(groups.world ? groups.world : &local_),
+      tp_(groups.tp ? groups.tp : &local_),
       sp_(groups.sp ? groups.sp : &local_),
       dp_(groups.dp ? groups.dp : &local_) {
   if (config_.data.batch_size % dp_->size() != 0)
@@ -55,6 +56,7 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
 
   const ModelConfig model_config = resume ? checkpoint_model_config(*resume) : model_config_of(config_);
   ModelParallel parallel;
+  if (tp_->size() > 1) parallel.tp = tp_;
   if (sp_->size() > 1) parallel.sp = sp_;
   model_ = std::make_unique<LlamaModel<T>>(model_config, config_.freqkv, kernels_,
                                            lora_config_of(config_), parallel);
@@ -220,7 +222,7 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
       local.count += s.count;
     }
     // Every rank of a step computed part of the gradient: sequence shards, then sequences.
-    const int64_t arena = model_->param_table().total_numel();
+    const int64_t arena = model_->arena_numel();
     for (Communicator* group : {sp_, dp_})
       if (group->size() > 1) group->all_reduce_sum(model_->grads(), arena);
     const LossSum loss = reduce_loss(local);

@@ -29,6 +29,7 @@ struct TrainSummary {
 // nullptr means a group of one: a run without MPI.
 struct TrainGroups {
   Communicator* world = nullptr;
+  Communicator* tp = nullptr;  // splits heads, FFN columns and the vocabulary
   Communicator* sp = nullptr;  // splits every sequence's FreqKV chunks
   Communicator* dp = nullptr;  // splits the sequences of a step
 };
@@ -58,7 +59,7 @@ class TrainingRun {
   TrainConfig config_;
   Kernels<T>& kernels_;
   LocalCommunicator local_;  // stands in for every group not given
-  Communicator *world_, *sp_, *dp_;
+  Communicator *world_, *tp_, *sp_, *dp_;
   SequenceShard shard_;
   std::unique_ptr<LlamaModel<T>> model_;
   std::unique_ptr<AdamW<T>> optimizer_;
