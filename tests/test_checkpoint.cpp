@@ -1,6 +1,7 @@
-// Checkpoint files (CheckpointWriter / CheckpointReader) and the checkpoint directory
-// (CheckpointDir): round trips whole and in row slabs, attributes, atomic commit, and every kind
-// of file that must be refused (missing, not HDF5, foreign HDF5, truncated, unfinished).
+// Checkpoint files (CheckpointWriter / CheckpointReader), serially, and the checkpoint directory
+// (CheckpointDir): round trips whole, in row slabs and in blocks, attributes, atomic commit, and
+// every kind of file that must be refused (missing, not HDF5, foreign HDF5, truncated,
+// unfinished). Collective writing over MPI ranks is in test_checkpoint_mpi.cpp.
 #include "trainer/checkpoint_dir.h"
 #include "trainer/checkpoint_file.h"
 
@@ -220,6 +221,98 @@ TEST(CheckpointFile, TensorsWrittenInRowSlabsRoundTrip) {
   reader.read_rows("optimizer/cube", 4, 1, last_row.data());
   expect_same_bits(std::vector<float>(cube.begin() + 4 * 6, cube.end()), last_row, "cube row 4");
   reader.read_rows("model/matrix", 10, 0, nullptr);  // nothing to read is fine
+}
+
+TEST(CheckpointFile, TensorsWrittenAndReadInBlocksRoundTrip) {
+  const fs::path dir = make_test_dir();
+  const std::string path = (dir / "blocks.h5").string();
+  const std::vector<float> matrix = test_values(4 * 7, 2.0f);        // [4, 7]
+  const std::vector<float> cube = test_values(3 * 4 * 5, -6.0f);     // [3, 4, 5]
+  // The block of a row-major [rows, columns] matrix at (row, column) of (n_rows, n_columns).
+  const auto matrix_block = [&](int64_t row, int64_t column, int64_t n_rows, int64_t n_columns) {
+    std::vector<float> block;
+    for (int64_t r = row; r < row + n_rows; ++r) {
+      for (int64_t c = column; c < column + n_columns; ++c) block.push_back(matrix[r * 7 + c]);
+    }
+    return block;
+  };
+  std::vector<float> cube_block;  // [1, 2, 3] at [1, 1, 2]
+  for (int64_t j = 1; j < 3; ++j) {
+    for (int64_t k = 2; k < 5; ++k) cube_block.push_back(cube[(1 * 4 + j) * 5 + k]);
+  }
+  {
+    // A null MPI communicator makes a serial writer (no MPI needed).
+    CheckpointWriter writer(path, MPI_COMM_NULL);
+    EXPECT_FALSE(writer.collective());
+    writer.create_tensor("model/matrix", {4, 7});
+    // Column blocks, as tensor parallelism splits row-parallel weights, then one overlap.
+    writer.write_block("model/matrix", {0, 0}, {4, 3}, matrix_block(0, 0, 4, 3).data());
+    writer.write_block("model/matrix", {0, 5}, {4, 2}, matrix_block(0, 5, 4, 2).data());
+    writer.write_block("model/matrix", {0, 2}, {4, 3}, matrix_block(0, 2, 4, 3).data());
+    writer.write_block("model/matrix", {1, 7}, {3, 0}, nullptr);  // empty: nothing
+    writer.create_tensor("optimizer/cube", {3, 4, 5});
+    writer.write_block("optimizer/cube", {0, 0, 0}, {3, 4, 5}, cube.data());
+    writer.create_tensor("optimizer/scale", {});
+    const float scale = 0.25f;
+    writer.write_block("optimizer/scale", {}, {}, &scale);
+    writer.commit();
+  }
+  const CheckpointReader reader = CheckpointReader::open(path);
+  expect_same_bits(matrix, reader.read_tensor("model/matrix"), "matrix");
+  expect_same_bits(cube, reader.read_tensor("optimizer/cube"), "cube");
+  EXPECT_EQ(reader.read_tensor("optimizer/scale"), std::vector<float>{0.25f});
+
+  std::vector<float> block(2 * 4);
+  reader.read_block("model/matrix", {1, 3}, {2, 4}, block.data());
+  expect_same_bits(matrix_block(1, 3, 2, 4), block, "matrix block at [1, 3] of [2, 4]");
+  std::vector<float> inner(cube_block.size());
+  reader.read_block("optimizer/cube", {1, 1, 2}, {1, 2, 3}, inner.data());
+  expect_same_bits(cube_block, inner, "cube block at [1, 1, 2] of [1, 2, 3]");
+  float value = 0.0f;
+  reader.read_block("optimizer/scale", {}, {}, &value);
+  EXPECT_EQ(value, 0.25f);
+  reader.read_block("model/matrix", {4, 0}, {0, 7}, nullptr);  // nothing to read is fine
+
+  expect_error([&] { reader.read_block("model/matrix", {0}, {4}, block.data()); },
+               {path, "'model/matrix'", "[4, 7]", "has 1 and 1 dimensions, the tensor has 2"});
+  expect_error([&] { reader.read_block("model/matrix", {2, 5}, {2, 3}, block.data()); },
+               {"'model/matrix'", "block at offset [2, 5] of count [2, 3]", "not within",
+                "dimension 1"});
+  expect_error([&] { reader.read_block("model/matrix", {0, 0}, {1, 1}, nullptr); },
+               {"'model/matrix'", "null data"});
+}
+
+TEST(CheckpointFile, BlocksNeverWrittenAreNamedAtCommit) {
+  const fs::path dir = make_test_dir();
+  const std::string path = (dir / "gaps.h5").string();
+  CheckpointWriter writer(path);
+  writer.create_tensor("model/w", {4, 6});
+  const std::vector<float> values = test_values(4 * 6, 1.0f);
+  // Columns [0, 3) of every row, and columns [3, 6) of rows 0 and 1: [2, 4) x [3, 6) is missing.
+  writer.write_block("model/w", {0, 0}, {4, 3}, values.data());
+  writer.write_block("model/w", {0, 3}, {2, 3}, values.data());
+  expect_error([&] { writer.write_block("model/w", {0, 4}, {1, 3}, values.data()); },
+               {"'model/w'", "[4, 6]", "block at offset [0, 4] of count [1, 3]", "not within"});
+  expect_error([&] { writer.write_block("model/w", {0, -1}, {1, 1}, values.data()); },
+               {"block at offset [0, -1]", "not within"});
+  expect_error([&] { writer.write_block("model/w", {0, 0, 0}, {1, 1, 1}, values.data()); },
+               {"'model/w'", "has 3 and 3 dimensions, the tensor has 2"});
+  expect_error([&] { writer.write_block("model/w", {0, 0}, {1, 1}, nullptr); }, {"null data"});
+  expect_error([&] { writer.write_block("model/none", {0}, {1}, values.data()); },
+               {"'model/none'", "no such tensor"});
+  expect_error([&] { writer.commit(); },
+               {"cannot commit", path, "'model/w'", "[4, 6]", "elements never written",
+                "block at offset [2, 3] of count [2, 3]"});
+  EXPECT_FALSE(fs::exists(path));
+  // A scalar created but never written.
+  writer.create_tensor("model/scalar", {});
+  writer.write_block("model/w", {2, 3}, {2, 3}, values.data());
+  expect_error([&] { writer.commit(); }, {"'model/scalar'", "[]", "was never written"});
+  writer.write_tensor("model/other_scalar", {}, values.data());
+  const float scalar = 3.0f;
+  writer.write_block("model/scalar", {}, {}, &scalar);
+  writer.commit();
+  EXPECT_EQ(CheckpointReader::open(path).read_tensor("model/scalar"), std::vector<float>{3.0f});
 }
 
 TEST(CheckpointFile, AttributesRoundTrip) {

@@ -31,7 +31,9 @@ class CheckpointDir {
   // Keeps the keep_last (>= 1) newest valid checkpoints and removes the committed ones older than
   // those, plus stale step_*.h5.tmp files of crashed writers. Files newer than the kept ones that
   // fail validation are left for inspection (latest() already skips them). Run it only when no
-  // writer of this directory is in flight.
+  // writer of this directory is in flight. With several ranks, writers are collective but this
+  // is one process's file operation: run it on one rank after commit() returned (which it does on
+  // every rank only once the new file is in place).
   void prune(int keep_last) const;
 
   // "latest" -> latest() (an error if there is none); anything else is a checkpoint path, which
