@@ -129,5 +129,9 @@ template void save_hf_gradients(LlamaModel<float>&, const std::string&, bool);
 template void save_peft_adapter(LlamaModel<float>&, const std::string&);
 template void save_peft_adapter(LlamaModel<double>&, const std::string&);
 template void save_hf_gradients(LlamaModel<double>&, const std::string&, bool);
+template void load_hf_weights(LlamaModel<bf16>&, const SafetensorsReader&);
+template void save_hf_model(LlamaModel<bf16>&, const std::string&);
+template void save_hf_gradients(LlamaModel<bf16>&, const std::string&, bool);
+template void save_peft_adapter(LlamaModel<bf16>&, const std::string&);
 
 }  // namespace freqkv

@@ -754,5 +754,6 @@ void LlamaModel<T>::backward() {
 
 template class LlamaModel<float>;
 template class LlamaModel<double>;
+template class LlamaModel<bf16>;  // the CUDA backend's
 
 }  // namespace freqkv

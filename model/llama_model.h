@@ -70,6 +70,7 @@ class LlamaModel {
   int64_t local_numel(size_t i) const { return local_[i].numel; }
   const std::vector<int64_t>& local_shape(size_t i) const { return local_[i].shape; }
   bool sharded(size_t i) const { return local_[i].split_dim >= 0; }
+  int split_dim(size_t i) const { return local_[i].split_dim; }  // -1: whole on every rank
 
   // Host copies of one parameter or gradient in its logical (unsharded) shape, row-major. With
   // tensor parallelism set_param keeps this rank's slice, and the getters gather the shards:

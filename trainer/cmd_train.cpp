@@ -4,6 +4,9 @@
 #include "comm/mpi_communicator.h"
 #include "comm/parallel_grid.h"
 #include "kernels/cpu/cpu_kernels.h"
+#if defined(FREQKV_HAVE_CUDA)
+#include "kernels/cuda/cuda_backend.h"
+#endif
 #include "trainer/cli_args.h"
 #include "trainer/commands.h"
 #include "trainer/training_run.h"
@@ -13,8 +16,7 @@ namespace freqkv {
 namespace {
 
 template <typename T>
-int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid) {
-  CpuKernels<T> kernels;
+int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid, Kernels<T>& kernels) {
   TrainingRun<T> run(config, kernels,
                      TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()});
   const TrainSummary s = run.run(stop_at);
@@ -68,15 +70,32 @@ int run_train(const std::vector<std::string>& args) {
   if (grid->world_rank() == 0) std::printf("%s", grid->table().c_str());
   switch (config.device) {
     case TrainDevice::Cpu:
-      if (config.precision == TrainPrecision::FP32) return train_with<float>(config, stop_at, *grid);
-      if (config.precision == TrainPrecision::FP64) return train_with<double>(config, stop_at, *grid);
+      if (config.precision == TrainPrecision::FP32) {
+        CpuKernels<float> kernels;
+        return train_with<float>(config, stop_at, *grid, kernels);
+      }
+      if (config.precision == TrainPrecision::FP64) {
+        CpuKernels<double> kernels;
+        return train_with<double>(config, stop_at, *grid, kernels);
+      }
       throw std::invalid_argument(std::string("precision ") +
                                   train_precision_name(config.precision) +
                                   " is not available on the CPU: use fp32 or fp64");
-    case TrainDevice::Cuda:
-      throw std::invalid_argument(
-          "device: cuda — training on the GPU is not available in this build yet; use "
-          "device: cpu");
+    case TrainDevice::Cuda: {
+#if defined(FREQKV_HAVE_CUDA)
+      // Collectives over MPI move host memory: several GPUs need the NCCL communicator.
+      if (grid->world().size() > 1)
+        throw std::invalid_argument("device: cuda runs on one GPU per job in this version (the "
+                                    "NCCL communicator is not built yet); start one rank, or "
+                                    "use device: cpu for multi-rank runs");
+      const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
+      return train_with<bf16>(config, stop_at, *grid, *kernels);
+#else
+      throw std::invalid_argument("device: cuda, but this freqkv was built without the CUDA "
+                                  "backend (no nvcc at build time): rebuild on a machine with the "
+                                  "CUDA toolkit, or use device: cpu");
+#endif
+    }
   }
   return 1;
 }

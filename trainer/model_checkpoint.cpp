@@ -1,6 +1,5 @@
 #include "trainer/model_checkpoint.h"
 
-#include <optional>
 #include <set>
 #include <stdexcept>
 
@@ -17,34 +16,41 @@ const char* kStateGroups[] = {"optimizer/master/", "optimizer/exp_avg/", "optimi
 
 template <typename T>
 void save_training_checkpoint(const std::string& path, LlamaModel<T>& model, AdamW<T>& optimizer,
-                              int64_t step, const std::string& config_yaml, bool write_file) {
-  std::optional<CheckpointWriter> writer;
+                              int64_t step, const std::string& config_yaml,
+                              const CheckpointLayout& layout) {
+  CheckpointWriter writer(path, layout.comm);  // collective over every rank of the job
+  writer.set_attribute("step", step);
+  writer.set_attribute("optimizer_step", optimizer.step_count());
+  writer.set_attribute("config_yaml", config_yaml);
+  writer.set_attribute("model_config_json", hf_config_json(model.config()));
   const ParamTable& table = model.param_table();
-  const bool has_state = optimizer.dp_rank() == 0;  // after gather_state
-  if (write_file) {
-    writer.emplace(path);
-    writer->set_attribute("step", step);
-    writer->set_attribute("optimizer_step", optimizer.step_count());
-    writer->set_attribute("config_yaml", config_yaml);
-    writer->set_attribute("model_config_json", hf_config_json(model.config()));
-  }
-  for (size_t i = 0; i < table.size(); ++i) {
-    const std::vector<float> values = model.get_param(i);  // gathers tensor-parallel shards
-    if (writer) writer->write_tensor("model/" + table[i].name, table[i].shape, values.data());
-  }
-  for (size_t i = 0; i < table.size(); ++i) {
-    if (optimizer.owner(i) < 0) continue;  // frozen
-    // ZeRO-1: from the owner to dp rank 0; tensor parallelism: the shards of the dp-rank-0
-    // ranks gathered over their tp group into the logical tensor.
-    const AdamWParamState s = optimizer.gather_state(i);
-    if (!has_state) continue;
-    const std::vector<float>* parts[] = {&s.master, &s.exp_avg, &s.exp_avg_sq};
-    for (int p = 0; p < 3; ++p) {
-      const std::vector<float> logical = model.gather_logical(i, *parts[p]);
-      if (writer) writer->write_tensor(kStateGroups[p] + table[i].name, table[i].shape, logical.data());
+
+  // This rank's block of parameter i in the logical tensor: its tensor-parallel shard, or the
+  // whole tensor (written by tp rank 0 alone) when the parameter is not split.
+  const auto write_shard = [&](const std::string& name, size_t i, const std::vector<float>& local,
+                               bool this_rank_writes) {
+    writer.create_tensor(name, table[i].shape);
+    const int split = model.split_dim(i);
+    if (!this_rank_writes || (split < 0 && layout.tp_rank != 0)) {
+      writer.write_rows(name, 0, 0, nullptr);  // nothing from this rank
+      return;
     }
+    std::vector<int64_t> offset(table[i].shape.size(), 0);
+    if (split >= 0) offset[static_cast<size_t>(split)] = layout.tp_rank * model.local_shape(i)[static_cast<size_t>(split)];
+    writer.write_block(name, offset, model.local_shape(i), local.data());
+  };
+  for (size_t i = 0; i < table.size(); ++i)
+    write_shard("model/" + table[i].name, i, model.get_param_local(i), layout.writes_weights);
+  for (size_t i = 0; i < table.size(); ++i) {
+    if (optimizer.owner(i) < 0) continue;  // frozen: no state
+    // ZeRO-1: the owner (a dp rank) holds the state; every sp rank holds a copy, sp rank 0 writes.
+    const bool mine = layout.writes_states && optimizer.owner(i) == optimizer.dp_rank();
+    AdamWParamState state;
+    if (mine) state = optimizer.get_state(i);
+    const std::vector<float>* parts[] = {&state.master, &state.exp_avg, &state.exp_avg_sq};
+    for (int p = 0; p < 3; ++p) write_shard(kStateGroups[p] + table[i].name, i, *parts[p], mine);
   }
-  if (writer) writer->commit();
+  writer.commit();
 }
 
 template <typename T>
@@ -104,12 +110,16 @@ LoraConfig checkpoint_lora_config(const CheckpointReader& reader) {
 }
 
 template void save_training_checkpoint(const std::string&, LlamaModel<float>&, AdamW<float>&,
-                                       int64_t, const std::string&, bool);
+                                       int64_t, const std::string&, const CheckpointLayout&);
 template void save_training_checkpoint(const std::string&, LlamaModel<double>&, AdamW<double>&,
-                                       int64_t, const std::string&, bool);
+                                       int64_t, const std::string&, const CheckpointLayout&);
 template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<float>&);
 template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<double>&);
 template int64_t load_checkpoint_optimizer(const CheckpointReader&, AdamW<float>&);
 template int64_t load_checkpoint_optimizer(const CheckpointReader&, AdamW<double>&);
+template void save_training_checkpoint(const std::string&, LlamaModel<bf16>&, AdamW<bf16>&,
+                                       int64_t, const std::string&, const CheckpointLayout&);
+template void load_checkpoint_weights(const CheckpointReader&, LlamaModel<bf16>&);
+template int64_t load_checkpoint_optimizer(const CheckpointReader&, AdamW<bf16>&);
 
 }  // namespace freqkv

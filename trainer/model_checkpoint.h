@@ -19,13 +19,21 @@
 
 namespace freqkv {
 
-// Writes model, optimiser and step into a checkpoint file (atomically, via CheckpointWriter).
-// With ZeRO-1 every rank of the optimiser's dp group calls it: each parameter's state streams
-// from its owner to dp rank 0, which writes the file.
+// Who writes what when all ranks of a job write one checkpoint together (parallel HDF5).
+struct CheckpointLayout {
+  MPI_Comm comm = MPI_COMM_NULL;  // every rank of the job; MPI_COMM_NULL: one process, serial
+  int tp_rank = 0;                // offset of this rank's tensor-parallel shards
+  bool writes_weights = true;     // this rank's copy of the weights is written (sp 0, dp 0)
+  bool writes_states = true;      // this rank writes the optimiser states it owns (sp 0)
+};
+
+// Writes model, optimiser and step into one checkpoint file, atomically: every rank of
+// layout.comm calls it and writes its own blocks of the logical tensors -- its tensor-parallel
+// shard, the ZeRO-1 states it owns -- through MPI-IO (trainer/checkpoint_file.h).
 template <typename T>
 void save_training_checkpoint(const std::string& path, LlamaModel<T>& model, AdamW<T>& optimizer,
                               int64_t step, const std::string& config_yaml,
-                              bool write_file = true);
+                              const CheckpointLayout& layout = CheckpointLayout());
 
 // Loads every model/<name> tensor into the model; a tensor the model lacks or misses, or a shape
 // mismatch, is an error naming the tensor and the checkpoint.

@@ -97,31 +97,6 @@ AdamWParamState AdamW<T>::get_state(size_t param_index) {
 }
 
 template <typename T>
-AdamWParamState AdamW<T>::gather_state(size_t param_index) {
-  if (!dp_) return get_state(param_index);
-  const int owner = owner_[param_index], me = dp_->rank();
-  if (owner < 0)
-    throw std::out_of_range("AdamW: parameter " + model_.param_table()[param_index].name +
-                            " is frozen and has no optimiser state");
-  if (owner == 0) return me == 0 ? get_state(param_index) : AdamWParamState{};
-  const int64_t n = model_.local_numel(param_index);
-  if (me == owner) {
-    Slot& s = slot(param_index);
-    for (Buffer<float>* b : {&s.master, &s.exp_avg, &s.exp_avg_sq}) dp_->send(b->data(), n, 0);
-    return {};
-  }
-  if (me != 0) return {};
-  AdamWParamState state;
-  Buffer<float> staging(model_.kernels(), n);  // in the backend's memory, as the group needs
-  for (std::vector<float>* host : {&state.master, &state.exp_avg, &state.exp_avg_sq}) {
-    dp_->recv(staging.data(), n, owner);
-    host->resize(static_cast<size_t>(n));
-    model_.kernels().copy_to_host(host->data(), staging.data(), static_cast<size_t>(n) * sizeof(float));
-  }
-  return state;
-}
-
-template <typename T>
 void AdamW<T>::set_state(size_t param_index, const AdamWParamState& state) {
   Slot& s = slot(param_index);
   const std::string& name = model_.param_table()[param_index].name;
@@ -139,5 +114,6 @@ void AdamW<T>::set_state(size_t param_index, const AdamWParamState& state) {
 
 template class AdamW<float>;
 template class AdamW<double>;
+template class AdamW<bf16>;
 
 }  // namespace freqkv

@@ -52,9 +52,6 @@ class AdamW {
   // The dp rank that updates trainable parameter i (0 without sharding).
   int owner(size_t param_index) const { return owner_[param_index]; }
   AdamWParamState get_state(size_t param_index);
-  // The state of any trainable parameter on dp rank 0, fetched from its owner (a collective of
-  // the dp group; the other ranks get an empty state). Without sharding: get_state.
-  AdamWParamState gather_state(size_t param_index);
   // Restores a parameter's state; also writes master into the model's weights.
   void set_state(size_t param_index, const AdamWParamState& state);
 

@@ -44,5 +44,6 @@ int64_t apply_trainable(const TrainConfig& config, LlamaModel<T>& model) {
 
 template int64_t apply_trainable(const TrainConfig&, LlamaModel<float>&);
 template int64_t apply_trainable(const TrainConfig&, LlamaModel<double>&);
+template int64_t apply_trainable(const TrainConfig&, LlamaModel<bf16>&);
 
 }  // namespace freqkv

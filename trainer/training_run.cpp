@@ -7,6 +7,7 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "comm/mpi_communicator.h"
 #include "model/hf_checkpoint.h"
 #include "trainer/checkpoint_dir.h"
 #include "trainer/model_checkpoint.h"
@@ -169,12 +170,15 @@ template <typename T>
 void TrainingRun<T>::save_checkpoint(int64_t step, TrainSummary& summary) {
   const CheckpointDir dir(in_run_dir(config_.checkpoint.dir));
   const std::string path = dir.path_for_step(step);
-  // Every sp rank holds the same weights and optimiser state: world rank 0 writes the logical
-  // tensors, fetching ZeRO-1 shards from the other ranks of its dp group (those with sp rank 0);
-  // everyone waits until the file is complete.
-  if (sp_->rank() == 0)
-    save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml,
-                             is_main_rank());
+  // One file written by all ranks together: each its tensor-parallel shard of the weights (from
+  // the sp 0 / dp 0 copy) and of the ZeRO-1 states it owns (from the sp 0 copy).
+  CheckpointLayout layout;
+  if (auto* mpi = dynamic_cast<MpiCommunicator*>(world_); mpi && world_->size() > 1)
+    layout.comm = mpi->comm();
+  layout.tp_rank = tp_->rank();
+  layout.writes_weights = sp_->rank() == 0 && dp_->rank() == 0;
+  layout.writes_states = sp_->rank() == 0;
+  save_training_checkpoint(path, *model_, *optimizer_, step, config_.resolved_yaml, layout);
   if (is_main_rank()) {
     if (config_.checkpoint.keep_last > 0) dir.prune(static_cast<int>(config_.checkpoint.keep_last));
     metrics_->log_event(step, "checkpoint", path);
@@ -272,5 +276,6 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
 
 template class TrainingRun<float>;
 template class TrainingRun<double>;
+template class TrainingRun<bf16>;
 
 }  // namespace freqkv
