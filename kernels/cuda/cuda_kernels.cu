@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/attention_checks.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_launchers.cuh"
@@ -69,67 +70,16 @@ uint16_t bf16_bits_from_double(double x) {
   return bf16::from_float(f);
 }
 
-std::string block_text(size_t index, const AttnBlock& b) {
-  return "block " + std::to_string(index) + " {q_start " + std::to_string(b.q_start) + ", n_q " +
-         std::to_string(b.n_q) + ", kv_start " + std::to_string(b.kv_start) + ", n_kv " +
-         std::to_string(b.n_kv) + "}";
-}
-
-// Throws std::invalid_argument unless [start_i, start_i + length_i) are pairwise disjoint.
-void check_disjoint(std::vector<std::pair<int64_t, int64_t>> ranges, const char* what,
-                    const char* where) {
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    const auto& prev = ranges[i - 1];
-    if (prev.first + prev.second > ranges[i].first) {
-      throw std::invalid_argument(
-          std::string(where) + ": the " + what + " row ranges [" + std::to_string(prev.first) +
-          ", " + std::to_string(prev.first + prev.second) + ") and [" +
-          std::to_string(ranges[i].first) + ", " +
-          std::to_string(ranges[i].first + ranges[i].second) + ") of two blocks overlap");
-    }
-  }
-}
-
-// The CPU backend's checks (kernels/cpu/attention.cpp), plus the kernels' head size limit.
-void check_attention_arguments(const std::vector<AttnBlock>& blocks, const AttnShape& shape,
-                               int64_t ld_q, int64_t ld_out, int64_t ld_kv, bool kv_disjoint,
-                               const char* where) {
-  if (shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.head_dim <= 0 ||
-      shape.n_heads % shape.n_kv_heads != 0) {
-    throw std::invalid_argument(std::string(where) +
-                                ": bad shape n_heads = " + std::to_string(shape.n_heads) +
-                                ", n_kv_heads = " + std::to_string(shape.n_kv_heads) +
-                                ", head_dim = " + std::to_string(shape.head_dim) +
-                                " (need positive sizes and n_kv_heads dividing n_heads)");
-  }
+// The CPU backend's checks (kernels/attention_checks.h), plus the kernels' head size limit.
+void check_cuda_attention_arguments(const std::vector<AttnBlock>& blocks, const AttnShape& shape,
+                                    int64_t ld_q, int64_t ld_out, int64_t ld_kv, bool kv_disjoint,
+                                    const char* where) {
   if (shape.head_dim > cuda::kMaxAttentionHeadDim) {
     throw std::invalid_argument(
         std::string(where) + ": head_dim = " + std::to_string(shape.head_dim) +
         " exceeds the CUDA kernels' " + std::to_string(cuda::kMaxAttentionHeadDim));
   }
-  const int64_t q_width = static_cast<int64_t>(shape.n_heads) * shape.head_dim;
-  const int64_t kv_width = static_cast<int64_t>(shape.n_kv_heads) * shape.head_dim;
-  if (ld_q < q_width || ld_out < q_width || ld_kv < kv_width) {
-    throw std::invalid_argument(
-        std::string(where) + ": leading dimensions ld_q = " + std::to_string(ld_q) +
-        ", ld_out = " + std::to_string(ld_out) + " must be >= " + std::to_string(q_width) +
-        " and ld_kv = " + std::to_string(ld_kv) + " >= " + std::to_string(kv_width));
-  }
-  std::vector<std::pair<int64_t, int64_t>> q_ranges;
-  std::vector<std::pair<int64_t, int64_t>> kv_ranges;
-  for (size_t i = 0; i < blocks.size(); ++i) {
-    const AttnBlock& b = blocks[i];
-    // n_kv >= n_q: with bottom-right alignment every query then sees at least one key.
-    if (b.q_start < 0 || b.kv_start < 0 || b.n_q < 0 || b.n_kv < b.n_q) {
-      throw std::invalid_argument(std::string(where) + ": " + block_text(i, b) +
-                                  " needs non-negative starts and n_kv >= n_q >= 0");
-    }
-    if (b.n_q > 0) q_ranges.emplace_back(b.q_start, b.n_q);
-    if (b.n_kv > 0) kv_ranges.emplace_back(b.kv_start, b.n_kv);
-  }
-  check_disjoint(q_ranges, "query", where);
-  if (kv_disjoint) check_disjoint(kv_ranges, "key/value", where);
+  check_attention_arguments(blocks, shape, ld_q, ld_out, ld_kv, kv_disjoint, where);
 }
 
 bool same_blocks(const std::vector<AttnBlock>& a, const std::vector<AttnBlock>& b) {
@@ -751,7 +701,7 @@ void CudaKernels::attention_forward(bf16* out, int64_t ld_out, acc_t* lse, const
                                     int64_t ld_q, const bf16* k, const bf16* v, int64_t ld_kv,
                                     const std::vector<AttnBlock>& blocks, const AttnShape& shape) {
   activate();
-  check_attention_arguments(blocks, shape, ld_q, ld_out, ld_kv, /*kv_disjoint=*/false,
+  check_cuda_attention_arguments(blocks, shape, ld_q, ld_out, ld_kv, /*kv_disjoint=*/false,
                             "cuda-bf16 attention_forward");
   const AttentionPlan& plan = attention_plan(blocks, shape.head_dim);
   cuda::attention_forward(context(), as_nv(out), ld_out, lse, as_nv(q), ld_q, as_nv(k), as_nv(v),
@@ -766,7 +716,7 @@ void CudaKernels::attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* d
   activate();
   // As on the CPU: `out` has the layout of its gradient (ld_dout), dq that of q (ld_q); key
   // ranges must be disjoint since dk/dv are overwritten block by block.
-  check_attention_arguments(blocks, shape, ld_q, ld_dout, ld_kv, /*kv_disjoint=*/true,
+  check_cuda_attention_arguments(blocks, shape, ld_q, ld_dout, ld_kv, /*kv_disjoint=*/true,
                             "cuda-bf16 attention_backward");
   const AttentionPlan& plan = attention_plan(blocks, shape.head_dim);
   cuda::attention_backward(context(), as_nv(dq), as_nv(dk), as_nv(dv), as_nv(dout), ld_dout,
