@@ -309,28 +309,31 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
     }
   }
 
-  // Reshard: stop after 4 steps under tp = n, resume on one rank, then under sp = n, dp = n.
+  // Reshard: one step at a time under tp = n (ZeRO-1 off), dp = n (ZeRO-1 on: sharded
+  // optimiser state), one rank, sp = n, then tp = 2 x dp = 2 or tp = n again; each resumes the
+  // checkpoint the previous grid wrote.
   const std::string run = "reshard";
-  {
-    ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), GridShape{n, 1, 1});
-    CpuKernels<float> k;
-    TrainingRun<float>(config(run, {}), k, TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
-        .run(4);
+  const std::vector<std::pair<GridShape, int64_t>> legs = {
+      {{n, 1, 1}, 2}, {{1, 1, n}, 3}, {{1, 1, 1}, 4}, {{1, n, 1}, 5},
+      {n == 4 ? GridShape{2, 1, 2} : GridShape{n, 1, 1}, 6}};
+  for (size_t leg = 0; leg < legs.size(); ++leg) {
+    const auto& [shape, stop] = legs[leg];
+    std::vector<std::string> extra = {std::string("parallel.zero1=") + (leg == 0 ? "false" : "true")};
+    if (leg > 0) extra.push_back("checkpoint.resume=latest");
+    if (shape.ranks() == 1) {
+      if (world().rank() == 0) {
+        CpuKernels<float> k;
+        TrainingRun<float>(config(run, extra), k).run(stop);
+      }
+    } else {
+      ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), shape);
+      CpuKernels<float> k;
+      TrainingRun<float>(config(run, extra), k,
+                         TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
+          .run(stop);
+    }
+    world().barrier();
   }
-  world().barrier();
-  if (world().rank() == 0) {
-    CpuKernels<float> k;
-    TrainingRun<float>(config(run, {"checkpoint.resume=latest"}), k).run(5);
-  }
-  world().barrier();
-  {
-    ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), GridShape{1, n, 1});
-    CpuKernels<float> k;
-    TrainingRun<float>(config(run, {"checkpoint.resume=latest"}), k,
-                       TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
-        .run(6);
-  }
-  world().barrier();
   const std::vector<double> resumed = losses(run);
   ASSERT_EQ(resumed.size(), reference.size());
   for (size_t s = 0; s < resumed.size(); ++s)
