@@ -122,7 +122,7 @@ std::string element(const std::string& where, const std::string& key, size_t ind
   return where + "." + key + "[" + std::to_string(index) + "]";
 }
 
-// {"String": "..."} patterns of Replace; Hugging Face's {"Regex": ...} form is not implemented.
+// {"String": "..."} patterns of Replace; Hugging Face's {"Regex": ...} form is refused as unsupported.
 std::string string_pattern(const JsonFile& file, const json& node, const std::string& where) {
   const json& pattern = file.member(node, "pattern", where);
   file.require_object(pattern, where + ".pattern");
