@@ -11,6 +11,9 @@
 #include "comm/parallel_grid.h"
 #include "data/token_file.h"
 #include "kernels/cpu/cpu_kernels.h"
+#if defined(FREQKV_HAVE_CUDA)
+#include "kernels/cuda/cuda_backend.h"
+#endif
 #include "model/hf_checkpoint.h"
 #include "model/hf_config.h"
 #include "trainer/cli_args.h"
@@ -29,8 +32,7 @@ struct EvalLossOptions {
 
 template <typename T>
 int eval_loss(const EvalLossOptions& o, const ModelConfig& config, const TokenFile& tokens,
-              ParallelGrid& grid) {
-  CpuKernels<T> kernels;
+              ParallelGrid& grid, Kernels<T>& kernels) {
   ModelParallel parallel;
   if (grid.tp().size() > 1) parallel.tp = &grid.tp();
   if (grid.sp().size() > 1) parallel.sp = &grid.sp();
@@ -128,6 +130,7 @@ int run_eval_loss(const std::vector<std::string>& args) {
   p.option("sink", "S", "FreqKV sink tokens kept uncompressed", "4");
   p.option("ratio", "R", "FreqKV share of the compressible span kept", "0.5");
   p.flag("no-freqkv", "plain causal attention over the whole window");
+  p.option("device", "D", "cpu or cuda (one GPU, bf16)", "cpu");
   p.option("precision", "P", "fp32 or fp64 (CPU)", "fp32");
   p.option("tp", "N", "tensor-parallel ranks", "1");
   p.option("sp", "N", "sequence-parallel ranks (split each window's FreqKV chunks)", "1");
@@ -187,8 +190,25 @@ int run_eval_loss(const std::vector<std::string>& args) {
   const std::unique_ptr<ParallelGrid> grid = make_grid(shape);
   if (grid->world().size() > 1 && grid->world_rank() == 0)
     std::fprintf(stderr, "%s", grid->table().c_str());
-  return precision == "fp32" ? eval_loss<float>(o, config, tokens, *grid)
-                             : eval_loss<double>(o, config, tokens, *grid);
+  const std::string device = p.get("device");
+  if (device == "cuda") {
+#if defined(FREQKV_HAVE_CUDA)
+    if (grid->world().size() > 1)
+      throw UsageError("--device cuda evaluates on one GPU (one rank) in this version");
+    const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
+    return eval_loss<bf16>(o, config, tokens, *grid, *kernels);
+#else
+    throw UsageError("--device cuda, but this freqkv was built without the CUDA backend (no nvcc "
+                     "at build time)");
+#endif
+  }
+  if (device != "cpu") throw UsageError("--device must be cpu or cuda, got '" + device + "'");
+  if (precision == "fp32") {
+    CpuKernels<float> kernels;
+    return eval_loss<float>(o, config, tokens, *grid, kernels);
+  }
+  CpuKernels<double> kernels;
+  return eval_loss<double>(o, config, tokens, *grid, kernels);
 }
 
 }  // namespace freqkv
