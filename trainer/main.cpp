@@ -27,6 +27,11 @@ const std::vector<Subcommand>& subcommands() {
        freqkv::run_init_model},
       {"tokenize", "turn UTF-8 text files into a flat token file (byte-level vocabulary)",
        freqkv::run_tokenize},
+      {"generate", "continue a prompt with the FreqKV cache (greedy or sampled)",
+       freqkv::run_generate},
+      {"eval", "perplexity by window length and position, FreqKV vs full attention",
+       freqkv::run_eval},
+      {"passkey", "passkey retrieval accuracy by prompt length and key depth", freqkv::run_passkey},
   };
   return list;
 }

@@ -1,0 +1,79 @@
+// What the inference commands (generate, eval, passkey) share: where the model comes from
+// (--model DIR | --checkpoint PATH), its tokenizer, the FreqKV cache settings, the backend.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "data/tokenizer.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "model/llama_model.h"
+#include "trainer/cli_args.h"
+#if defined(FREQKV_HAVE_CUDA)
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
+namespace freqkv {
+
+// Declares --model, --checkpoint, --cache, --sink, --ratio, --no-freqkv, --device, --precision,
+// --max-chunk, and --tokenizer when with_tokenizer.
+void add_inference_options(ArgParser& p, bool with_tokenizer);
+
+struct InferenceSetup {
+  std::string model_dir;        // --model (a Hugging Face directory), or
+  std::string checkpoint_path;  // --checkpoint (a training checkpoint file)
+  int64_t checkpoint_step = -1;
+  ModelConfig config;
+  LoraConfig lora;              // the checkpoint's adapters (applied, not merged)
+  FreqKVConfig freqkv;          // validated when enabled
+  std::string freqkv_origin;    // where the defaults of the cache settings came from
+  std::string device = "cpu";   // cpu | cuda
+  std::string precision = "fp32";
+  int64_t max_chunk_tokens = 1024;
+
+  std::string source() const;  // "model DIR" or "checkpoint PATH (step N)"
+};
+
+// Reads the options declared by add_inference_options. The cache settings not given default to
+// the checkpoint's training config (freqkv.cache/sink/ratio), else to the model's
+// max_position_embeddings, sink 4 and ratio 0.5. Throws UsageError for contradictory options.
+InferenceSetup resolve_inference_setup(const ArgParser& p);
+
+// The model with its weights loaded (a checkpoint's LoRA factors included, applied by the model).
+template <typename T>
+std::unique_ptr<LlamaModel<T>> load_inference_model(const InferenceSetup& setup,
+                                                    Kernels<T>& kernels);
+
+// --tokenizer, else the model directory when it holds tokenizer.json; nullptr when neither.
+std::unique_ptr<Tokenizer> load_inference_tokenizer(const ArgParser& p,
+                                                    const InferenceSetup& setup);
+
+// "FreqKV cache 4096, sink 4, ratio 0.5 (memory L = 2046, 2046 new tokens per compression)" or
+// "full causal attention (FreqKV off)".
+std::string describe_attention(const FreqKVConfig& freqkv);
+
+// Calls run(kernels) with the backend the setup names (CPU fp32/fp64, or CUDA bf16) and returns
+// what it returns; run is generic over Kernels<T>& (a template, or a lambda taking auto&).
+template <typename Run>
+int with_inference_backend(const InferenceSetup& setup, Run&& run) {
+  if (setup.device == "cpu") {
+    if (setup.precision == "fp64") {
+      CpuKernels<double> kernels;
+      return run(static_cast<Kernels<double>&>(kernels));
+    }
+    CpuKernels<float> kernels;
+    return run(static_cast<Kernels<float>&>(kernels));
+  }
+#if defined(FREQKV_HAVE_CUDA)
+  const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
+  return run(*kernels);
+#else
+  throw std::invalid_argument("--device cuda, but this freqkv was built without the CUDA backend "
+                              "(no nvcc at build time): rebuild with the CUDA toolkit, or use "
+                              "--device cpu");
+#endif
+}
+
+}  // namespace freqkv
