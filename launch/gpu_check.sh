@@ -1,62 +1,92 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the CUDA backend's tests on the lent GPU machine, in ONE device `run`.
+# gpu_check.sh: the CUDA backend's tests, the GPU model tests, the NCCL tests and the throughput
+# benchmark on the lent GPU machine, in ONE device `run`.
 #
 # 1. Here (the CPU machine: nvcc present, no GPU), from the repository root, build for sm_90 (the
 #    project's default architecture) into an ignored build folder (/build*/ is in .gitignore):
 #        cmake -S . -B build-cuda -DCMAKE_CUDA_ARCHITECTURES=90
-#        cmake --build build-cuda -j2 --target test_cuda_kernels        (a few minutes on 2 cores)
+#        cmake --build build-cuda -j2 --target test_cuda_kernels test_cuda_model test_nccl_comm freqkv
 #        bash launch/gpu_check.sh --prepare build-cuda
-#    --prepare writes build-gpu/: what `ctest -L gpu` needs (the ctest files, the test binary)
-#    plus the shared libraries the binary links that are not glibc or CUDA (OpenBLAS, libgomp,
-#    libstdc++, ...), a few MiB instead of the whole build folder. Optionally also run
+#    --prepare writes build-gpu/: what the device needs -- the ctest files, the test binaries, the
+#    freqkv binary (for `freqkv bench`), and libs.tar.gz, the shared libraries they link that are
+#    neither glibc nor CUDA/NCCL (OpenBLAS, MPI, HDF5, libstdc++, ...), compressed: about 30 MB.
+#    test_nccl_comm exists when NCCL was found. Optionally also run
 #    `bash ../shared/device/devdeps.sh` to get .devdeps/ (its devenv.sh sets up the machine's CUDA
-#    library paths; this test needs no MPI).
+#    library paths and a matching Open MPI for the 2-rank NCCL test).
 # 2. On the device machine, tool `run`:
 #        carry:   ["build-gpu"]          (add ".devdeps" when it exists)
 #        command: bash launch/gpu_check.sh build-gpu           timeout_s: 600
-#    (ctest takes about a minute; memcheck and racecheck are capped at 5 and 2.5 minutes.)
+#    Stages, in this order, each under its own time limit and all within GPU_CHECK_BUDGET seconds
+#    (default 570, under the run's 600): tests (ctest -L gpu without the MPI test: the CUDA
+#    kernels against the CPU, the whole model and 20 training steps against the CPU; 180 s),
+#    bench (freqkv bench --shape tinyllama-1.1b --device cuda --lengths 8192,32768 --compare-full;
+#    270 s), nccl (test_nccl_comm under mpirun -np 2, two ranks sharing the GPU through distinct
+#    NCCL_HOSTIDs; 90 s), sanitizers (compute-sanitizer memcheck and racecheck of the kernel
+#    tests; what time is left). A stage the budget cannot fit is reported as skipped. Name stages
+#    after the folder to run only those: bash launch/gpu_check.sh build-gpu sanitizers
 #    Everything that travels (working tree + carry) must stay under 64 MiB.
 #
 # On the device it sources .devdeps/devenv.sh when present, prints nvidia-smi, makes the absolute
 # paths that CMake wrote into the ctest files resolve (a symlink from the configure-time build
-# folder to the carried one when the repository sits elsewhere there), links the carried
-# libraries that the machine lacks into a fallback folder on LD_LIBRARY_PATH (never shadowing the
-# machine's own), runs `ctest -L gpu --output-on-failure`, then, when compute-sanitizer exists,
-# the test binary under memcheck (all but the largest tests) and racecheck (the attention tests
-# of two head sizes). Logs go to $OUT (or ./gpu-check-logs). Exit status: 0 when every step passed.
+# folder to the carried one when the repository sits elsewhere there), unpacks the carried
+# libraries and links those the machine lacks into a fallback folder on LD_LIBRARY_PATH (never
+# shadowing the machine's own), looks for the CUDA libraries the loader does not know (libnccl in
+# the CUDA toolkit or a Python venv's nvidia/*/lib), then runs the stages. Logs and the bench table
+# (bench-tinyllama.md) go to $OUT (or ./gpu-check-logs). Exit status: 0 when every stage ran and
+# passed, 1 when one failed, 3 when all that ran passed but the budget skipped some.
 set -uo pipefail
 
-usage() { sed -n '2,26p' "$0"; }
+usage() { sed -n '2,36p' "$0"; }
 
 # ---- --prepare BUILD_DIR: here, on the CPU machine -----------------------------------------------
 if [ "${1:-}" = "--prepare" ]; then
   set -e
   build="${2:?usage: gpu_check.sh --prepare BUILD_DIR}"
   build="$(cd "$build" && pwd)"
-  test_binary="$build/tests/test_cuda_kernels"
-  if [ ! -x "$test_binary" ]; then
-    echo "gpu_check: $test_binary is missing: build the target test_cuda_kernels first" >&2
-    exit 1
+  binaries=()
+  for required in tests/test_cuda_kernels tests/test_cuda_model freqkv; do
+    if [ ! -x "$build/$required" ]; then
+      echo "gpu_check: $build/$required is missing: build the targets test_cuda_kernels," \
+           "test_cuda_model and freqkv first" >&2
+      exit 1
+    fi
+    binaries+=("$required")
+  done
+  if [ -x "$build/tests/test_nccl_comm" ]; then
+    binaries+=(tests/test_nccl_comm)
+  else
+    echo "gpu_check: no tests/test_nccl_comm (NCCL not found at build time?): the nccl stage" \
+         "will be skipped on the device" >&2
   fi
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   out="$root/build-gpu"
-  rm -rf "$out" && mkdir -p "$out/tests" "$out/libs"
+  rm -rf "$out" && mkdir -p "$out/tests"
   cp "$build/CTestTestfile.cmake" "$out/"
   # tests/CTestTestfile.cmake includes every test executable's *_include.cmake (tiny): without
   # their *_tests.cmake, the binaries left behind register as *_NOT_BUILT tests, unlabelled.
   cp "$build/tests/CTestTestfile.cmake" "$build"/tests/*_include.cmake "$out/tests/"
-  cp "$build/tests/test_cuda_kernels[1]_tests.cmake" "$test_binary" "$out/tests/"
+  for binary in "${binaries[@]}"; do
+    cp "$build/$binary" "$out/$binary"
+    name="$(basename "$binary")"
+    [ -f "$build/tests/${name}[1]_tests.cmake" ] && cp "$build/tests/${name}[1]_tests.cmake" "$out/tests/"
+  done
   echo "$build" > "$out/ORIGINAL_BUILD_DIR"
-  # Shared libraries beyond glibc and CUDA (the device has those), copied under their sonames.
-  ldd "$test_binary" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | while read -r soname path; do
+  # Shared libraries beyond glibc and CUDA/NCCL (the device has those), under their sonames.
+  staging="$(mktemp -d)"
+  mkdir -p "$staging/libs"
+  for binary in "${binaries[@]}"; do
+    ldd "$build/$binary" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}'
+  done | sort -u | while read -r soname path; do
     case "$soname" in
       libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*|ld-linux*|linux-vdso*) continue ;;
-      libcuda.so.*|libcudart.so.*|libcublas.so.*|libcublasLt.so.*) continue ;;
+      libcuda.so.*|libcudart.so.*|libcublas.so.*|libcublasLt.so.*|libnccl.so.*) continue ;;
     esac
-    cp -L "$path" "$out/libs/$soname"
+    cp -L "$path" "$staging/libs/$soname"
   done
-  echo "gpu_check: wrote $out ($(du -sh "$out" | cut -f1));" \
-       "libraries carried: $(cd "$out/libs" && echo *)"
+  tar -C "$staging" -czf "$out/libs.tar.gz" libs
+  echo "gpu_check: wrote $out ($(du -sh "$out" | cut -f1)); binaries: ${binaries[*]};" \
+       "libraries carried: $(cd "$staging/libs" && echo *)"
+  rm -rf "$staging"
   echo "gpu_check: on the device: carry [\"build-gpu\"]," \
        "command: bash launch/gpu_check.sh build-gpu (timeout_s 600)"
   exit 0
@@ -64,11 +94,45 @@ fi
 
 case "${1:-}" in -h|--help|"") usage; [ -n "${1:-}" ] && exit 0; exit 2 ;; esac
 
-# ---- BUILD_DIR: on the device machine ---------------------------------------------------------------
-build="$(cd "$1" && pwd)" || { echo "gpu_check: no build folder $1 (was it carried?)" >&2; exit 2; }
+# ---- BUILD_DIR [STAGE...]: on the device machine --------------------------------------------------
+build_arg="$1"
+build="$(cd "$build_arg" && pwd)" || { echo "gpu_check: no build folder $build_arg (was it carried?)" >&2; exit 2; }
+shift
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench nccl sanitizers)
 logs="${OUT:-$PWD/gpu-check-logs}"
 mkdir -p "$logs"
+started=$SECONDS
+budget="${GPU_CHECK_BUDGET:-570}"
 status=0
+skipped=()
+
+wanted() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+# The limit for a stage: its own cap, or what is left of the budget (less a margin to report).
+limit_for() { local left=$((budget - (SECONDS - started) - 10)); echo $(( $1 < left ? $1 : left )); }
+# run_stage NAME CAP MIN COMMAND...: runs COMMAND under `timeout` unless fewer than MIN seconds
+# are left; its output goes to the console and $logs/NAME.log.
+run_stage() {
+  local name="$1" cap="$2" minimum="$3"
+  shift 3
+  local limit; limit="$(limit_for "$cap")"
+  if [ "$limit" -lt "$minimum" ]; then
+    echo "==== $name: SKIPPED (only ${limit}s of the ${budget}s budget left, needs ${minimum}s)"
+    skipped+=("$name")
+    return 0
+  fi
+  echo "==== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+  local rc="${PIPESTATUS[0]}"
+  if [ "$rc" -eq 124 ]; then
+    echo "gpu_check: $name: stopped at its ${limit}s limit" >&2
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "gpu_check: $name FAILED (exit status $rc)" >&2
+    status=1
+  fi
+  return 0
+}
 
 if [ -f .devdeps/devenv.sh ]; then
   # shellcheck disable=SC1091
@@ -92,53 +156,107 @@ if [ -n "$original" ] && [ "$original" != "$build" ]; then
   fi
 fi
 
-# Carried libraries, only for sonames this machine lacks (or has in too old a version).
-test_binary="$build/tests/test_cuda_kernels"
-if [ -d "$build/libs" ]; then
-  fallback="$(mktemp -d /tmp/gpu-check-libs.XXXXXX)"
-  ldd "$test_binary" 2>&1 | grep "not found" | while read -r line; do
+binaries=()
+for binary in tests/test_cuda_kernels tests/test_cuda_model tests/test_nccl_comm freqkv; do
+  [ -x "$build/$binary" ] && binaries+=("$build/$binary")
+done
+fallback="$(mktemp -d /tmp/gpu-check-libs.XXXXXX)"
+export LD_LIBRARY_PATH="$fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+missing_sonames() {
+  local b
+  for b in "${binaries[@]}"; do ldd "$b" 2>&1; done | grep "not found" | while read -r line; do
     case "$line" in
-      *"=> not found"*) soname="${line%% *}" ;;                       # libfoo.so.1 => not found
-      *"version"*) soname="$(basename "${line%%:*}")" ;;  # /x/libfoo.so.1: version `V' not found
-      *) continue ;;
+      *"=> not found"*) echo "${line%% *}" ;;                        # libfoo.so.1 => not found
+      *"version"*) basename "${line%%:*}" ;;                         # /x/libfoo.so.1: version `V' not found
     esac
-    [ -e "$build/libs/$soname" ] && ln -sfn "$build/libs/$soname" "$fallback/$soname" &&
+  done | sort -u
+}
+# Carried libraries, only for sonames this machine lacks (or has in too old a version).
+if [ -f "$build/libs.tar.gz" ]; then
+  carried="$(mktemp -d /tmp/gpu-check-carried.XXXXXX)"
+  tar -C "$carried" -xzf "$build/libs.tar.gz"
+  for soname in $(missing_sonames); do
+    [ -e "$carried/libs/$soname" ] && ln -sfn "$carried/libs/$soname" "$fallback/$soname" &&
       echo "gpu_check: using the carried $soname"
   done
-  export LD_LIBRARY_PATH="$fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-if ldd "$test_binary" | grep "not found"; then
-  echo "gpu_check: $test_binary still lacks the libraries above" >&2
-  status=1
+# CUDA libraries the loader does not know: the toolkit's folders and a Python venv's wheels.
+site_packages="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)"
+for soname in $(missing_sonames); do
+  for dir in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib \
+             ${site_packages:+$site_packages/nvidia/cu13/lib} ${site_packages:+$site_packages/nvidia/*/lib}; do
+    if [ -e "$dir/$soname" ]; then
+      ln -sfn "$dir/$soname" "$fallback/$soname" && echo "gpu_check: using $dir/$soname"
+      break
+    fi
+  done
+done
+for b in "${binaries[@]}"; do
+  if ldd "$b" | grep "not found"; then
+    echo "gpu_check: $b still lacks the libraries above" >&2
+    status=1
+  fi
+done
+
+if wanted tests; then
+  # -LE mpi: the NCCL test needs mpirun and runs as its own stage.
+  run_stage tests 180 30 bash -c "cd '$build' && ctest -L gpu -LE mpi --output-on-failure --timeout 170"
+  # The tests skip themselves without a device; here, on the GPU machine, a skip is a failure.
+  if [ -f "$logs/tests.log" ] && grep -q "(Skipped)" "$logs/tests.log"; then
+    echo "gpu_check: tests were skipped: the CUDA device was not visible to them" >&2
+    status=1
+  fi
 fi
 
-echo "==== ctest -L gpu"
-(cd "$build" && ctest -L gpu --output-on-failure --timeout 300) 2>&1 | tee "$logs/ctest.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# The tests skip themselves without a device; here, on the GPU machine, a skip is a failure.
-if grep -q "(Skipped)" "$logs/ctest.log"; then
-  echo "gpu_check: tests were skipped: the CUDA device was not visible to them" >&2
-  status=1
+if wanted bench; then
+  # One warm-up and one timed step per case (a step takes seconds: one is a steady timing). Each
+  # case prints its row when done and the costliest (full attention at 32K) runs last, so a run
+  # cut off by the limit still leaves the rows before it.
+  run_stage bench 270 60 bash -o pipefail -c "'$build/freqkv' bench --shape tinyllama-1.1b --device cuda \
+      --lengths 8192,32768 --compare-full --warmup 1 --steps 1 | tee '$logs/bench-tinyllama.md'"
 fi
 
-sanitizer="$(command -v compute-sanitizer || true)"
-[ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
-if [ -n "$sanitizer" ]; then
-  echo "==== compute-sanitizer memcheck"
-  # All but the tests whose sizes make memcheck slow (4M-value transfers, 1M-value vectors,
-  # cuBLAS GEMMs, a 128k vocabulary).
-  timeout 300 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 99 "$test_binary" \
-    --gtest_filter='-*UploadAndDownload*:*VectorOperations*:*GemmEvery*:*CrossEntropyLosses*' \
-    2>&1 | tee "$logs/memcheck.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  echo "==== compute-sanitizer racecheck (attention)"
-  timeout 150 "$sanitizer" --tool racecheck --error-exitcode 99 "$test_binary" \
-    --gtest_filter='*CudaAttentionTest*D64:*CudaAttentionTest*D128' \
-    2>&1 | tee "$logs/racecheck.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else
-  echo "gpu_check: no compute-sanitizer on this machine: skipped memcheck and racecheck"
+if wanted nccl; then
+  if [ -x "$build/tests/test_nccl_comm" ]; then
+    # Open MPI for ranks on one machine (as tests/CMakeLists.txt's FREQKV_MPI_TEST_ENVIRONMENT).
+    run_stage nccl 90 40 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+      OMPI_MCA_btl=self,vader OMPI_MCA_pml=ob1 OMPI_MCA_osc=^ucx,pt2pt OMPI_MCA_plm_rsh_agent=false \
+      OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo \
+      mpirun -np 2 --oversubscribe "$build/tests/test_nccl_comm"
+  else
+    echo "==== nccl: not run (no test_nccl_comm carried: NCCL was not found at build time)"
+  fi
 fi
 
-echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED); logs in $logs"
-exit $status
+if wanted sanitizers; then
+  test_binary="$build/tests/test_cuda_kernels"
+  sanitizer="$(command -v compute-sanitizer || true)"
+  [ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
+  if [ -n "$sanitizer" ]; then
+    # All but the tests whose sizes make memcheck slow (4M-value transfers, 1M-value vectors,
+    # cuBLAS GEMMs, a 128k vocabulary).
+    run_stage memcheck 300 120 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 99 \
+      "$test_binary" \
+      --gtest_filter='-*UploadAndDownload*:*VectorOperations*:*GemmEvery*:*CrossEntropyLosses*'
+    run_stage racecheck 150 60 "$sanitizer" --tool racecheck --error-exitcode 99 "$test_binary" \
+      --gtest_filter='*CudaAttentionTest*D64:*CudaAttentionTest*D128'
+  else
+    echo "gpu_check: no compute-sanitizer on this machine: skipped memcheck and racecheck"
+  fi
+fi
+
+elapsed=$((SECONDS - started))
+if [ $status -ne 0 ]; then
+  echo "gpu_check: FAILED after ${elapsed}s; logs in $logs"
+  exit 1
+fi
+if [ ${#skipped[@]} -gt 0 ]; then
+  # memcheck and racecheck are the stage "sanitizers".
+  again="$(printf '%s\n' "${skipped[@]}" | sed 's/^memcheck$/sanitizers/; s/^racecheck$/sanitizers/' |
+           sort -u | tr '\n' ' ')"
+  echo "gpu_check: PASSED what ran after ${elapsed}s; skipped: ${skipped[*]}" \
+       "(run them: bash launch/gpu_check.sh $build_arg ${again% }); logs in $logs"
+  exit 3
+fi
+echo "gpu_check: PASSED after ${elapsed}s; logs in $logs"
+exit 0

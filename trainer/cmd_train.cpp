@@ -7,6 +7,9 @@
 #if defined(FREQKV_HAVE_CUDA)
 #include "kernels/cuda/cuda_backend.h"
 #endif
+#if defined(FREQKV_HAVE_NCCL)
+#include "comm/nccl_communicator.h"
+#endif
 #include "trainer/cli_args.h"
 #include "trainer/commands.h"
 #include "trainer/training_run.h"
@@ -16,17 +19,23 @@ namespace freqkv {
 namespace {
 
 template <typename T>
-int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid, Kernels<T>& kernels) {
-  TrainingRun<T> run(config, kernels,
-                     TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()});
+int train_with(const TrainConfig& config, int64_t stop_at, const TrainGroups& groups,
+               Kernels<T>& kernels) {
+  TrainingRun<T> run(config, kernels, groups);
   const TrainSummary s = run.run(stop_at);
-  if (grid.world_rank() != 0) return 0;
+  if (groups.world->rank() != 0) return 0;
   std::printf("freqkv train: done: steps %lld..%lld, last loss %.4f", static_cast<long long>(s.first_step),
               static_cast<long long>(s.last_step), s.last_loss);
   if (s.last_validation_loss >= 0) std::printf(", validation loss %.4f", s.last_validation_loss);
   std::printf("\nfreqkv train: last checkpoint %s\n",
               s.last_checkpoint.empty() ? "(none written)" : s.last_checkpoint.c_str());
   return 0;
+}
+
+template <typename T>
+int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid, Kernels<T>& kernels) {
+  return train_with(config, stop_at,
+                    TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()}, kernels);
 }
 
 }  // namespace
@@ -83,13 +92,37 @@ int run_train(const std::vector<std::string>& args) {
                                   " is not available on the CPU: use fp32 or fp64");
     case TrainDevice::Cuda: {
 #if defined(FREQKV_HAVE_CUDA)
-      // Collectives over MPI move host memory: several GPUs need the NCCL communicator.
-      if (grid->world().size() > 1)
-        throw std::invalid_argument("device: cuda runs on one GPU per job in this version (the "
-                                    "NCCL communicator is not built yet); start one rank, or "
-                                    "use device: cpu for multi-rank runs");
-      const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
-      return train_with<bf16>(config, stop_at, *grid, *kernels);
+      if (grid->world().size() == 1) {
+        const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
+        return train_with<bf16>(config, stop_at, *grid, *kernels);
+      }
+#if defined(FREQKV_HAVE_NCCL)
+      {
+        // One GPU per rank (node-local rank modulo the visible devices); the model's tp/sp
+        // collectives and the trainer's gradient reduction move device memory over NCCL, ordered
+        // against the backend's stream. The world stays the MPI one: checkpoints are written
+        // through MPI-IO on it.
+        const int device = device_for_this_rank();
+        const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(device);
+        const std::unique_ptr<ParallelGrid> nccl =
+            make_nccl_grid(shape, device, cuda_kernels_stream(*kernels));
+        if (grid->world_rank() == 0) {
+          int version = 0;
+          ncclGetVersion(&version);
+          std::printf("freqkv train: collectives over NCCL %d.%d.%d, one GPU per rank (device = "
+                      "node-local rank modulo the visible devices)\n",
+                      version / 10000, version / 100 % 100, version % 100);
+        }
+        return train_with<bf16>(config, stop_at,
+                                TrainGroups{&grid->world(), &nccl->tp(), &nccl->sp(), &nccl->dp()},
+                                *kernels);
+      }
+#else
+      throw std::invalid_argument("device: cuda with " + std::to_string(grid->world().size()) +
+                                  " ranks needs the NCCL communicator, and this freqkv was built "
+                                  "without NCCL (no nccl.h / libnccl at build time): rebuild with "
+                                  "NCCL, start one rank, or use device: cpu");
+#endif
 #else
       throw std::invalid_argument("device: cuda, but this freqkv was built without the CUDA "
                                   "backend (no nvcc at build time): rebuild on a machine with the "

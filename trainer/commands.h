@@ -12,6 +12,7 @@ int run_init_model(const std::vector<std::string>& args);
 int run_tokenize(const std::vector<std::string>& args);
 int run_train(const std::vector<std::string>& args);
 int run_export(const std::vector<std::string>& args);
+int run_bench(const std::vector<std::string>& args);
 int run_generate(const std::vector<std::string>& args);
 int run_eval(const std::vector<std::string>& args);
 int run_passkey(const std::vector<std::string>& args);

@@ -27,6 +27,8 @@ const std::vector<Subcommand>& subcommands() {
        freqkv::run_init_model},
       {"tokenize", "turn UTF-8 text files into a flat token file (byte-level vocabulary)",
        freqkv::run_tokenize},
+      {"bench", "time training steps by sequence length: tokens/s, TFLOP/s, MFU, peak memory",
+       freqkv::run_bench},
       {"generate", "continue a prompt with the FreqKV cache (greedy or sampled)",
        freqkv::run_generate},
       {"eval", "perplexity by window length and position, FreqKV vs full attention",

@@ -15,6 +15,10 @@
 
 #include "kernels/kernels.h"
 
+// The CUDA runtime's stream type, declared as the runtime declares it (cudaStream_t is a pointer
+// to it).
+struct CUstream_st;
+
 namespace freqkv {
 
 // True when the CUDA runtime finds at least one usable device (false without a driver or GPU).
@@ -23,5 +27,34 @@ bool cuda_device_available();
 // The bf16 CUDA backend on device `device`. Throws std::runtime_error carrying the CUDA error
 // string when there is no such device or it cannot be initialised.
 std::unique_ptr<Kernels<bf16>> make_cuda_kernels(int device = 0);
+
+// ---- for code that works beside a backend made by make_cuda_kernels ------------------------------
+// Each function throws std::invalid_argument when `kernels` is not such a backend.
+
+// The stream the backend orders all its work on (a cudaStream_t: `struct CUstream_st*` is how the
+// CUDA runtime declares it, so no CUDA header is needed here). Work of other libraries on the
+// backend's data (NCCL collectives) must be ordered against it with events.
+CUstream_st* cuda_kernels_stream(Kernels<bf16>& kernels);
+
+// The CUDA device the backend runs on.
+int cuda_kernels_device(Kernels<bf16>& kernels);
+
+// Device memory, for reports (freqkv bench).
+struct CudaMemoryStats {
+  // What this backend holds through allocate_bytes and its caches (compression matrices, RoPE
+  // tables, attention tile lists), counted at allocation and free.
+  size_t allocated_bytes = 0;
+  size_t peak_allocated_bytes = 0;  // the most held at once since creation or the last reset
+  // The high-water mark of the device's default memory pool since the last reset: everything
+  // allocated stream-ordered in this process on that device, so it includes the per-call scratch
+  // of the kernels. 0 when the device has no memory pools.
+  size_t pool_peak_bytes = 0;
+  // The whole device (cudaMemGetInfo): used = total - free, by every process, context and pool.
+  size_t device_used_bytes = 0;
+  size_t device_total_bytes = 0;
+};
+CudaMemoryStats cuda_memory_stats(Kernels<bf16>& kernels);
+// Restarts both peaks at what is allocated now. Waits for the backend's stream first.
+void reset_cuda_peak_memory(Kernels<bf16>& kernels);
 
 }  // namespace freqkv

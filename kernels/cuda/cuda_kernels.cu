@@ -16,6 +16,7 @@
 #include <list>
 #include <map>
 #include <memory>
+#include <unordered_map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -242,6 +243,12 @@ class CudaKernels final : public Kernels<bf16> {
                     double lr, double beta1, double beta2, double eps, double weight_decay,
                     int64_t step, double grad_scale) override;
 
+  // For cuda_backend.h's functions beside the Kernels interface.
+  cudaStream_t stream() const { return stream_; }
+  int device() const { return device_; }
+  CudaMemoryStats memory_stats();
+  void reset_peak_memory();
+
  private:
   // Makes this object's device current for the calling host thread (cheap when it already is).
   void activate() const {
@@ -274,6 +281,13 @@ class CudaKernels final : public Kernels<bf16> {
   uint16_t* staging_ = nullptr;                           // pinned, kStagingElements bf16
   double* scalar_host_ = nullptr;                         // pinned, sum_squares' result
   std::string deferred_error_;  // a failure in free_bytes, which must not throw
+
+  // What device_alloc handed out and device_free has not taken back, by pointer (for
+  // memory_stats; a separate mutex because device_alloc runs under cache_mutex_).
+  std::mutex allocation_mutex_;
+  std::unordered_map<void*, size_t> allocation_sizes_;
+  size_t allocated_bytes_ = 0;
+  size_t peak_allocated_bytes_ = 0;
 
   std::mutex cache_mutex_;
   std::map<std::pair<int64_t, int64_t>, bf16*> compression_matrices_;
@@ -374,11 +388,23 @@ void* CudaKernels::device_alloc(size_t bytes, const char* what) {
                                  std::to_string(free_bytes) + " of " + std::to_string(total_bytes) +
                                  " bytes free)");
   }
+  std::lock_guard<std::mutex> lock(allocation_mutex_);
+  allocation_sizes_[p] = bytes;
+  allocated_bytes_ += bytes;
+  peak_allocated_bytes_ = std::max(peak_allocated_bytes_, allocated_bytes_);
   return p;
 }
 
 cudaError_t CudaKernels::device_free(void* p) {
   if (p == nullptr) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> lock(allocation_mutex_);
+    const auto it = allocation_sizes_.find(p);
+    if (it != allocation_sizes_.end()) {
+      allocated_bytes_ -= it->second;
+      allocation_sizes_.erase(it);
+    }
+  }
   if (stream_ordered_allocation_) return cudaFreeAsync(p, stream_);
   // cudaFree of memory that queued kernels still use: wait for them first.
   const cudaError_t status = cudaStreamSynchronize(stream_);
@@ -438,6 +464,47 @@ void CudaKernels::copy_host_to_device(void* dst, const void* host_src, size_t by
 }
 
 // ---- memory -------------------------------------------------------------------------------------
+
+CudaMemoryStats CudaKernels::memory_stats() {
+  activate();
+  CudaMemoryStats stats;
+  {
+    std::lock_guard<std::mutex> lock(allocation_mutex_);
+    stats.allocated_bytes = allocated_bytes_;
+    stats.peak_allocated_bytes = peak_allocated_bytes_;
+  }
+  if (stream_ordered_allocation_) {
+    cudaMemPool_t pool = nullptr;
+    check_cuda(cudaDeviceGetDefaultMemPool(&pool, device_), "memory_stats: getting the memory pool");
+    uint64_t high = 0;
+    check_cuda(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high),
+               "memory_stats: reading the pool's high-water mark");
+    stats.pool_peak_bytes = static_cast<size_t>(high);
+  }
+  size_t free_bytes = 0;
+  check_cuda(cudaMemGetInfo(&free_bytes, &stats.device_total_bytes), "memory_stats: cudaMemGetInfo");
+  stats.device_used_bytes = stats.device_total_bytes - free_bytes;
+  return stats;
+}
+
+void CudaKernels::reset_peak_memory() {
+  activate();
+  // Frees enqueued before the reset must have happened, or the new peak would count them.
+  sync_and_check("reset_peak_memory");
+  {
+    std::lock_guard<std::mutex> lock(allocation_mutex_);
+    peak_allocated_bytes_ = allocated_bytes_;
+  }
+  if (stream_ordered_allocation_) {
+    cudaMemPool_t pool = nullptr;
+    check_cuda(cudaDeviceGetDefaultMemPool(&pool, device_),
+               "reset_peak_memory: getting the memory pool");
+    // The only value the runtime accepts for a high-water mark: restart it at the current use.
+    uint64_t zero = 0;
+    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero),
+               "reset_peak_memory: resetting the pool's high-water mark");
+  }
+}
 
 void* CudaKernels::allocate_bytes(size_t bytes) {
   activate();
@@ -833,7 +900,32 @@ void CudaKernels::adamw_update(float* master, float* m, float* v, bf16* param, c
   cuda::adamw_update(context(), master, m, v, as_nv(param), as_nv(grad), n, scalars);
 }
 
+CudaKernels& as_cuda_kernels(Kernels<bf16>& kernels, const char* caller) {
+  auto* cuda = dynamic_cast<CudaKernels*>(&kernels);
+  if (cuda == nullptr) {
+    throw std::invalid_argument(std::string(caller) + ": the backend '" + kernels.name() +
+                                "' was not made by make_cuda_kernels");
+  }
+  return *cuda;
+}
+
 }  // namespace
+
+CUstream_st* cuda_kernels_stream(Kernels<bf16>& kernels) {
+  return as_cuda_kernels(kernels, "cuda_kernels_stream").stream();
+}
+
+int cuda_kernels_device(Kernels<bf16>& kernels) {
+  return as_cuda_kernels(kernels, "cuda_kernels_device").device();
+}
+
+CudaMemoryStats cuda_memory_stats(Kernels<bf16>& kernels) {
+  return as_cuda_kernels(kernels, "cuda_memory_stats").memory_stats();
+}
+
+void reset_cuda_peak_memory(Kernels<bf16>& kernels) {
+  as_cuda_kernels(kernels, "reset_cuda_peak_memory").reset_peak_memory();
+}
 
 bool cuda_device_available() {
   int count = 0;
