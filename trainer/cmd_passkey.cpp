@@ -78,7 +78,8 @@ std::vector<double> parse_depths(const std::string& text) {
   return depths;
 }
 
-// Runs argv (no shell) and returns its exit status; -1 if it could not be started.
+// Runs argv (no shell, its stdout sent to stderr) and returns its exit status; -1 if it could
+// not be started.
 int run_program(const std::vector<std::string>& argv) {
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -87,6 +88,7 @@ int run_program(const std::vector<std::string>& argv) {
   const pid_t pid = fork();
   if (pid < 0) return -1;
   if (pid == 0) {
+    dup2(STDERR_FILENO, STDOUT_FILENO);  // its messages join ours on stderr: stdout is the table
     execv(args[0], args.data());
     _exit(127);
   }
