@@ -14,8 +14,8 @@
 #include <stdexcept>
 
 #include "comm/communicator.h"
-#include "inference/generation.h"
-#include "inference/sampling.h"
+#include "trainer/inference/generation.h"
+#include "trainer/inference/sampling.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/freqkv_decoder.h"
 #include "model/llama_model.h"

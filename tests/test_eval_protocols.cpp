@@ -13,8 +13,8 @@
 #include <random>
 #include <sstream>
 
-#include "inference/passkey.h"
-#include "inference/perplexity.h"
+#include "trainer/inference/passkey.h"
+#include "trainer/inference/perplexity.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/freqkv_decoder.h"
 

@@ -8,8 +8,8 @@
 #include <nlohmann/json.hpp>
 
 #include "data/token_file.h"
-#include "inference/perplexity.h"
-#include "inference/progress.h"
+#include "trainer/inference/perplexity.h"
+#include "trainer/inference/progress.h"
 #include "trainer/commands.h"
 #include "trainer/inference_setup.h"
 

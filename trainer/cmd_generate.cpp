@@ -4,7 +4,7 @@
 #include <fstream>
 #include <sstream>
 
-#include "inference/generation.h"
+#include "trainer/inference/generation.h"
 #include "trainer/commands.h"
 #include "trainer/inference_setup.h"
 

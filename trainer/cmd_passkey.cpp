@@ -11,9 +11,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "inference/generation.h"
-#include "inference/passkey.h"
-#include "inference/progress.h"
+#include "trainer/inference/generation.h"
+#include "trainer/inference/passkey.h"
+#include "trainer/inference/progress.h"
 #include "trainer/commands.h"
 #include "trainer/inference_setup.h"
 

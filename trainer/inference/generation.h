@@ -5,7 +5,7 @@
 #include <functional>
 #include <vector>
 
-#include "inference/sampling.h"
+#include "trainer/inference/sampling.h"
 #include "model/freqkv_decoder.h"
 
 namespace freqkv {

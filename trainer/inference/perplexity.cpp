@@ -1,4 +1,4 @@
-#include "inference/perplexity.h"
+#include "trainer/inference/perplexity.h"
 
 #include <algorithm>
 #include <chrono>

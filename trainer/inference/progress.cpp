@@ -1,4 +1,4 @@
-#include "inference/progress.h"
+#include "trainer/inference/progress.h"
 
 #include <unistd.h>
 

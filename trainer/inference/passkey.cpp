@@ -1,4 +1,4 @@
-#include "inference/passkey.h"
+#include "trainer/inference/passkey.h"
 
 #include <cmath>
 #include <sstream>

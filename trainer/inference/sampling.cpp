@@ -1,4 +1,4 @@
-#include "inference/sampling.h"
+#include "trainer/inference/sampling.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-#include "inference/generation.h"
+#include "trainer/inference/generation.h"
 
 #include <algorithm>
 #include <chrono>
