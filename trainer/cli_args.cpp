@@ -1,5 +1,6 @@
 #include "trainer/cli_args.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 
@@ -110,6 +111,27 @@ double ArgParser::get_double(const std::string& name) const {
   if (s.empty() || *end != '\0' || errno == ERANGE)
     throw UsageError("option --" + name + " expects a number, got '" + s + "'");
   return v;
+}
+
+std::vector<int64_t> ArgParser::get_int_list(const std::string& name, int64_t min_value) const {
+  const std::string text = get(name);
+  std::vector<int64_t> values;
+  size_t begin = 0;
+  while (begin <= text.size()) {
+    const size_t end = std::min(text.find(',', begin), text.size());
+    const std::string item = text.substr(begin, end - begin);
+    char* stop = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(item.c_str(), &stop, 10);
+    if (item.empty() || *stop != '\0' || errno == ERANGE || v < min_value)
+      throw UsageError("option --" + name + ": '" + item + "' is not an integer >= " +
+                       std::to_string(min_value) + " (give a comma-separated list, e.g. " +
+                       std::to_string(std::max<int64_t>(min_value, 2048)) + "," +
+                       std::to_string(std::max<int64_t>(min_value, 2048) * 2) + ")");
+    values.push_back(v);
+    begin = end + 1;
+  }
+  return values;
 }
 
 std::string ArgParser::usage() const {

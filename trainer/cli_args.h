@@ -40,6 +40,9 @@ class ArgParser {
   std::vector<std::string> get_all(const std::string& name) const;
   int64_t get_int(const std::string& name) const;
   double get_double(const std::string& name) const;
+  // A comma-separated list of integers, each >= min_value (e.g. --lengths 2048,4096); an empty
+  // list or a malformed item is a UsageError naming the option and the item.
+  std::vector<int64_t> get_int_list(const std::string& name, int64_t min_value) const;
   const std::vector<std::string>& positional_values() const { return positional_values_; }
   std::string usage() const;
 

@@ -83,28 +83,6 @@ ModelConfig builtin_shape(const std::string& name) {
                    ", or give --config config.json");
 }
 
-std::vector<int64_t> parse_lengths(const std::string& text) {
-  std::vector<int64_t> lengths;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    size_t used = 0;
-    long long value = 0;
-    try {
-      value = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (item.empty() || used != item.size() || value < 1) {
-      throw UsageError("--lengths '" + text + "': '" + item +
-                       "' is not a positive integer (expected e.g. 8192,32768)");
-    }
-    lengths.push_back(value);
-  }
-  if (lengths.empty()) throw UsageError("--lengths is empty (expected e.g. 8192,32768)");
-  return lengths;
-}
-
 // ---- FLOPs --------------------------------------------------------------------------------------
 
 int64_t gemm_parameters(const ModelConfig& c) {
@@ -508,7 +486,7 @@ int run_bench(const std::vector<std::string>& args) {
     o.shape_name += " (its first " + std::to_string(layers) + (layers == 1 ? " layer)" : " layers)");
   }
   o.config.validate();
-  o.lengths = parse_lengths(p.get("lengths"));
+  o.lengths = p.get_int_list("lengths", 1);
   o.freqkv.cache = p.get_int("cache");
   o.freqkv.sink = p.get_int("sink");
   o.freqkv.ratio = p.get_double("ratio");

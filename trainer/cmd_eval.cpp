@@ -26,27 +26,6 @@ struct EvalOptions {
   bool compare_full = false;
 };
 
-std::vector<int64_t> parse_lengths(const std::string& text) {
-  std::vector<int64_t> lengths;
-  std::stringstream items(text);
-  std::string item;
-  while (std::getline(items, item, ',')) {
-    size_t used = 0;
-    long long value = 0;
-    try {
-      value = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (item.empty() || used != item.size() || value < 2)
-      throw UsageError("--lengths: '" + item + "' is not a window length (an integer >= 2); "
-                       "give a comma-separated list such as 2048,4096,8192");
-    lengths.push_back(value);
-  }
-  if (lengths.empty()) throw UsageError("--lengths is empty");
-  return lengths;
-}
-
 std::string format_ppl(double ppl) {
   if (std::isnan(ppl)) return "-";
   char text[32];
@@ -244,7 +223,7 @@ int run_eval(const std::vector<std::string>& args) {
   o.tokens_path = p.get("tokens");
   o.json_path = p.get("json");
   o.token_dtype = parse_token_dtype(p.get("token-dtype"));
-  o.lengths = parse_lengths(p.get("lengths"));
+  o.lengths = p.get_int_list("lengths", 2);
   o.protocol = parse_perplexity_protocol(p.get("protocol"));
   o.stride = p.get_int("stride");
   o.max_windows = p.get_int("max-windows");

@@ -42,24 +42,6 @@ std::vector<std::string> split_list(const std::string& text) {
   return items;
 }
 
-std::vector<int64_t> parse_lengths(const std::string& text) {
-  std::vector<int64_t> lengths;
-  for (const std::string& item : split_list(text)) {
-    size_t used = 0;
-    long long value = 0;
-    try {
-      value = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (item.empty() || used != item.size() || value < 1)
-      throw UsageError("--lengths: '" + item + "' is not a length in tokens (a positive integer)");
-    lengths.push_back(value);
-  }
-  if (lengths.empty()) throw UsageError("--lengths is empty");
-  return lengths;
-}
-
 std::vector<double> parse_depths(const std::string& text) {
   std::vector<double> depths;
   for (const std::string& item : split_list(text)) {
@@ -269,7 +251,7 @@ int run_passkey(const std::vector<std::string>& args) {
     throw UsageError("passkey prompts are text: give --tokenizer DIR|FILE|bytes (the model "
                      "directory holds no tokenizer.json)");
   PasskeyOptions o;
-  o.lengths = parse_lengths(p.get("lengths"));
+  o.lengths = p.get_int_list("lengths", 1);
   o.depths = parse_depths(p.get("depths"));
   o.trials = p.get_int("trials");
   o.max_new_tokens = p.get_int("max-new-tokens");
