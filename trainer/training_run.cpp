@@ -108,7 +108,8 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
               static_cast<long long>(config_.schedule.steps),
               static_cast<long long>(d.batch_size * d.grad_accum), static_cast<long long>(d.seq_len),
               f.enabled ? ("FreqKV cache " + std::to_string(f.cache) + " sink " +
-                           std::to_string(f.sink) + " ratio " + std::to_string(f.ratio))
+                           std::to_string(f.sink) + " kept " + std::to_string(f.compressed()) +
+                           " step " + std::to_string(f.step()))
                               .c_str()
                         : "full causal");
   std::printf("freqkv train: run directory %s\n", config_.logging.run_dir.c_str());
