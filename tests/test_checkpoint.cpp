@@ -2,6 +2,7 @@
 // (CheckpointDir): round trips whole, in row slabs and in blocks, attributes, atomic commit, and
 // every kind of file that must be refused (missing, not HDF5, foreign HDF5, truncated,
 // unfinished). Collective writing over MPI ranks is in test_checkpoint_mpi.cpp.
+#include "tests/test_support.h"
 #include "trainer/checkpoint_dir.h"
 #include "trainer/checkpoint_file.h"
 
@@ -34,30 +35,7 @@ fs::path make_test_dir() {
   return dir;
 }
 
-std::string read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
 // Runs action, expecting std::runtime_error whose message contains every fragment.
-void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an exception mentioning '" << fragments.front() << "'";
-  } catch (const std::runtime_error& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message '" << message << "' lacks '" << fragment << "'";
-    }
-  }
-}
-
 // Distinct, non-integer values (with negatives and a denormal) so a misplaced row shows.
 std::vector<float> test_values(size_t count, float seed) {
   std::vector<float> values(count);

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tests/test_support.h"
 #include "comm/mpi_communicator.h"
 #include "comm/parallel_grid.h"
 
@@ -286,20 +287,6 @@ TEST(MpiCommunicator, SplitOrdersByKeyAndNamesWorldRanks) {
   const int32_t mine = r;
   half->all_gather(&mine, members.data(), 1);
   EXPECT_EQ(std::vector<int>(members.begin(), members.end()), want);
-}
-
-template <typename Error>
-void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an error mentioning '" << fragments.front() << "'";
-  } catch (const Error& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "'" << fragment << "' missing from: " << message;
-    }
-  }
 }
 
 TEST(MpiCommunicator, BadArgumentsNameTheGroupAndValue) {

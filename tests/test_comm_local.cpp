@@ -10,26 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_support.h"
 #include "comm/communicator.h"
 #include "comm/mpi_communicator.h"
 #include "comm/parallel_grid.h"
 
 namespace freqkv {
 namespace {
-
-void expect_invalid(const std::function<void()>& action,
-                    const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected std::invalid_argument mentioning '" << fragments.front() << "'";
-  } catch (const std::invalid_argument& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "'" << fragment << "' missing from: " << message;
-    }
-  }
-}
 
 TEST(CommDType, SizesAndNames) {
   EXPECT_EQ(comm_dtype_size(CommDType::kF32), 4u);

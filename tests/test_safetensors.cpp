@@ -1,5 +1,6 @@
 // SafetensorsReader / SafetensorsWriter: round trips, hand-built F16/BF16/F64 payloads, sharded
 // checkpoints and every corrupt-input error.
+#include "tests/test_support.h"
 #include "model/safetensors.h"
 
 #include <gtest/gtest.h>
@@ -32,16 +33,6 @@ fs::path make_test_dir() {
   return dir;
 }
 
-std::string read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
 // A safetensors file from raw parts: the length field is the header's exact size unless given.
 void write_raw_safetensors(const fs::path& path, const std::string& header,
                            const std::string& payload, uint64_t header_length_field = UINT64_MAX) {
@@ -57,19 +48,6 @@ std::string as_bytes(const std::vector<T>& values) {
 }
 
 // Runs action, expecting std::runtime_error whose message contains every fragment.
-void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an exception mentioning '" << fragments.front() << "'";
-  } catch (const std::runtime_error& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message '" << message << "' lacks '" << fragment << "'";
-    }
-  }
-}
-
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
 TEST(SafetensorsWriter, RoundTripThroughReader) {

@@ -1,5 +1,6 @@
 // TokenSampler: windows as a pure function of (seed, step, index), held-out tails kept out of
 // training, validation windows, proportional shard choice, errors.
+#include "tests/test_support.h"
 #include "data/sampler.h"
 
 #include <gtest/gtest.h>
@@ -50,20 +51,6 @@ std::vector<int32_t> sample(const TokenSampler& sampler, int64_t step, int64_t i
   std::vector<int32_t> window(static_cast<size_t>(sampler.seq_len() + 1));
   sampler.sample(step, index, window.data());
   return window;
-}
-
-void expect_invalid(const std::function<void()>& action,
-                    const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected std::invalid_argument mentioning '" << fragments.front() << "'";
-  } catch (const std::invalid_argument& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message '" << message << "' lacks '" << fragment << "'";
-    }
-  }
 }
 
 TEST(TokenSampler, WindowsAreContiguousAndMatchTheirLocation) {

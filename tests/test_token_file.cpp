@@ -1,4 +1,5 @@
 // TokenFile / write_token_file: round trips per dtype, raw layout, bad sizes and ranges.
+#include "tests/test_support.h"
 #include "data/token_file.h"
 
 #include <gtest/gtest.h>
@@ -25,30 +26,6 @@ fs::path make_token_test_dir() {
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
-}
-
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::string read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-template <typename Exception>
-void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an exception mentioning '" << fragments.front() << "'";
-  } catch (const Exception& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message '" << message << "' lacks '" << fragment << "'";
-    }
-  }
 }
 
 TEST(TokenDType, Parse) {

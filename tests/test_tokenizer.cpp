@@ -2,6 +2,7 @@
 // pre-tokenization scanners, byte-level BPE (LLaMA-3 / GPT-2 style) and SentencePiece-style BPE
 // with byte fallback (LLaMA-2 style) read from tokenizer.json files the tests write, the byte
 // vocabulary, and the errors of load_tokenizer.
+#include "tests/test_support.h"
 #include "data/tokenizer.h"
 
 #include <gtest/gtest.h>
@@ -67,20 +68,6 @@ void write_text(const fs::path& path, const std::string& text) {
 fs::path write_json(const fs::path& path, const json& value) {
   write_text(path, value.dump(2));
   return path;
-}
-
-template <typename Exception>
-void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an exception mentioning '" << fragments.front() << "'";
-  } catch (const Exception& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message '" << message << "' lacks '" << fragment << "'";
-    }
-  }
 }
 
 // GPT-2's bytes_to_unicode, written out independently of data/byte_level.cpp: printable Latin-1

@@ -1,5 +1,6 @@
 // Training configuration: embedded defaults, file and --set merging, unknown keys, value checks,
 // the recipes in configs/, the resolved-YAML round trip and the learning-rate schedule.
+#include "tests/test_support.h"
 #include "trainer/train_config.h"
 
 #include <gtest/gtest.h>
@@ -40,20 +41,6 @@ fs::path write_config(const std::string& name, const std::string& text) {
   const fs::path path = dir / name;
   std::ofstream(path) << text;
   return path;
-}
-
-void expect_invalid(const std::function<void()>& action,
-                    const std::vector<std::string>& fragments) {
-  try {
-    action();
-    ADD_FAILURE() << "expected std::invalid_argument mentioning '" << fragments.front() << "'";
-  } catch (const std::invalid_argument& error) {
-    const std::string message = error.what();
-    for (const std::string& fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message '" << message << "' lacks '" << fragment << "'";
-    }
-  }
 }
 
 // Leaf key paths of the embedded defaults, from their layout (two spaces per level).

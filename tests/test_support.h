@@ -1,0 +1,43 @@
+// Small helpers the GoogleTest suites share: checking an error's type and message, and raw file
+// bytes (for hand-built and corrupted files).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// Runs action and expects an Exception whose message contains every fragment.
+template <typename Exception = std::runtime_error>
+void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
+  try {
+    action();
+    ADD_FAILURE() << "expected an exception mentioning '" << fragments.front() << "'";
+  } catch (const Exception& error) {
+    const std::string message = error.what();
+    for (const std::string& fragment : fragments) {
+      EXPECT_NE(message.find(fragment), std::string::npos)
+          << "message '" << message << "' lacks '" << fragment << "'";
+    }
+  }
+}
+
+inline void expect_invalid(const std::function<void()>& action,
+                           const std::vector<std::string>& fragments) {
+  expect_error<std::invalid_argument>(action, fragments);
+}
+
+inline std::string read_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+inline void write_bytes(const std::filesystem::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
