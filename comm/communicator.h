@@ -59,9 +59,25 @@ class Communicator {
   // usable. `label` names the new group in error messages ("tp", "sp", "dp").
   virtual std::unique_ptr<Communicator> split(int color, int key, const std::string& label) = 0;
 
+  // ---- sums overlapped with computation (the gradient reduction during backward) ------------
+  // start_all_reduce_sum begins an in-place sum of data[0, n) over the group and may return
+  // before it is done: the buffer must be neither read nor written until wait_reductions()
+  // returns. Every rank starts the same reductions in the same order. progress() lets a host
+  // implementation advance what is in flight (MPI moves nonblocking collectives only inside MPI
+  // calls): call it between pieces of computation. The defaults are blocking -- the sum is done
+  // when start returns -- which is correct for any implementation, only not overlapped.
+  virtual void start_all_reduce_sum(void* data, int64_t n, CommDType dtype) {
+    all_reduce(data, n, dtype, ReduceOp::kSum);
+  }
+  virtual void progress() {}
+  virtual void wait_reductions() {}
+
   // Typed conveniences.
   template <typename U> void all_reduce_sum(U* data, int64_t n) {
     all_reduce(data, n, CommDTypeOf<U>::value, ReduceOp::kSum);
+  }
+  template <typename U> void start_all_reduce_sum(U* data, int64_t n) {
+    start_all_reduce_sum(static_cast<void*>(data), n, CommDTypeOf<U>::value);
   }
   template <typename U> void all_reduce_max(U* data, int64_t n) {
     all_reduce(data, n, CommDTypeOf<U>::value, ReduceOp::kMax);
@@ -112,6 +128,7 @@ class LocalCommunicator final : public Communicator {
   using Communicator::broadcast;
   using Communicator::recv;
   using Communicator::send;
+  using Communicator::start_all_reduce_sum;
 
  private:
   CopyFn copy_;  // nullptr: memcpy

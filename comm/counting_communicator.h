@@ -46,6 +46,12 @@ class CountingCommunicator final : public Communicator {
   void recv(void* data, int64_t n, CommDType dtype, int peer) override {
     inner_.recv(data, n, dtype, peer);
   }
+  void start_all_reduce_sum(void* data, int64_t n, CommDType dtype) override {
+    add("all_reduce", 2.0 * (size() - 1) / size() * bytes(n, dtype));
+    inner_.start_all_reduce_sum(data, n, dtype);
+  }
+  void progress() override { inner_.progress(); }
+  void wait_reductions() override { inner_.wait_reductions(); }
   void barrier() override { inner_.barrier(); }
   double all_reduce_scalar(double value, ReduceOp op) override {
     return inner_.all_reduce_scalar(value, op);

@@ -313,7 +313,12 @@ void MpiCommunicator::init_members() {
 }
 
 MpiCommunicator::~MpiCommunicator() {
-  if (comm_ != MPI_COMM_NULL && MpiSession::active()) MPI_Comm_free(&comm_);
+  if (!MpiSession::active()) return;
+  // Reductions still in flight (an exception unwound past wait_reductions) must finish before
+  // their communicator goes; errors no longer matter here.
+  if (!pending_.empty())
+    MPI_Waitall(static_cast<int>(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE);
+  if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
 }
 
 std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key, const std::string& label) {
@@ -373,6 +378,40 @@ void MpiCommunicator::all_reduce(void* data, int64_t n, CommDType dtype, ReduceO
     check(MPI_Allreduce(MPI_IN_PLACE, bytes + offset * element, count, type, mpi_reduce, comm_),
           "MPI_Allreduce", "(" + std::string(reduce_op_name(op)) + ") of " + count_text(n, dtype));
   }
+}
+
+void MpiCommunicator::start_all_reduce_sum(void* data, int64_t n, CommDType dtype) {
+  check_count("start_all_reduce_sum", n);
+  const MPI_Datatype type = mpi_type(dtype);
+  const MPI_Op sum = mpi_op(dtype, ReduceOp::kSum);
+  auto* bytes = static_cast<unsigned char*>(data);
+  const size_t element = comm_dtype_size(dtype);
+  for (int64_t offset = 0; offset < n; offset += max_chunk_) {
+    const int count = static_cast<int>(std::min(max_chunk_, n - offset));
+    MPI_Request request = MPI_REQUEST_NULL;
+    check(MPI_Iallreduce(MPI_IN_PLACE, bytes + offset * element, count, type, sum, comm_, &request),
+          "MPI_Iallreduce", "(sum) of " + count_text(n, dtype));
+    pending_.push_back(request);
+  }
+  pending_elements_ += n;
+}
+
+void MpiCommunicator::progress() {
+  if (pending_.empty()) return;
+  int done = 0;
+  check(MPI_Testall(static_cast<int>(pending_.size()), pending_.data(), &done, MPI_STATUSES_IGNORE),
+        "MPI_Testall", "of " + std::to_string(pending_.size()) + " started reductions");
+}
+
+void MpiCommunicator::wait_reductions() {
+  if (pending_.empty()) return;
+  const std::string what = std::to_string(pending_.size()) + " started reductions (" +
+                           std::to_string(pending_elements_) + " elements)";
+  const int code =
+      MPI_Waitall(static_cast<int>(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE);
+  pending_.clear();
+  pending_elements_ = 0;
+  check(code, "MPI_Waitall", "of " + what);
 }
 
 void MpiCommunicator::all_gather(const void* send, void* recv, int64_t n_per_rank,

@@ -101,6 +101,10 @@ class MpiCommunicator final : public Communicator {
   double all_reduce_scalar(double value, ReduceOp op) override;
   // MPI_Comm_split of this communicator; the result owns its MPI_Comm and keeps max_chunk.
   std::unique_ptr<Communicator> split(int color, int key, const std::string& label) override;
+  // MPI_Iallreduce per chunk; progress() is MPI_Testall, wait_reductions() MPI_Waitall.
+  void start_all_reduce_sum(void* data, int64_t n, CommDType dtype) override;
+  void progress() override;
+  void wait_reductions() override;
 
   // The underlying (duplicated or split) MPI communicator.
   MPI_Comm comm() const { return comm_; }
@@ -116,6 +120,7 @@ class MpiCommunicator final : public Communicator {
   using Communicator::broadcast;
   using Communicator::recv;
   using Communicator::send;
+  using Communicator::start_all_reduce_sum;
 
  private:
   struct Adopt {};
@@ -134,6 +139,8 @@ class MpiCommunicator final : public Communicator {
   int rank_ = 0;
   int size_ = 1;
   std::vector<int> world_ranks_;
+  std::vector<MPI_Request> pending_;  // started reductions not yet waited for
+  int64_t pending_elements_ = 0;      // their size, for messages
 };
 
 // MPI's text for an error code ("MPI_ERR_TRUNCATE: message truncated").

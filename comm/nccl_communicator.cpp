@@ -384,6 +384,29 @@ void NcclCommunicator::all_reduce(void* data, int64_t n, CommDType dtype, Reduce
   end("all_reduce");
 }
 
+void NcclCommunicator::start_all_reduce_sum(void* data, int64_t n, CommDType dtype) {
+  check_count("start_all_reduce_sum", n);
+  if (n == 0) return;
+  if (memory_of(data, "start_all_reduce_sum") == Memory::kHost) {
+    host_->start_all_reduce_sum(data, n, dtype);
+    return;
+  }
+  wait_for(compute_);
+  check_nccl(ncclAllReduce(data, data, static_cast<size_t>(n), nccl_type(dtype), ncclSum, comm_,
+                           stream_),
+             "ncclAllReduce", "(sum, overlapped) of " + count_text(n, dtype));
+  device_reductions_pending_ = true;
+}
+
+void NcclCommunicator::progress() { host_->progress(); }
+
+void NcclCommunicator::wait_reductions() {
+  host_->wait_reductions();
+  if (!device_reductions_pending_) return;
+  device_reductions_pending_ = false;
+  record_on(compute_);
+}
+
 void NcclCommunicator::all_gather(const void* send, void* recv, int64_t n_per_rank,
                                   CommDType dtype) {
   check_count("all_gather", n_per_rank);

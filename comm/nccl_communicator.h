@@ -103,6 +103,13 @@ class NcclCommunicator final : public Communicator {
   // ncclCommSplit and MPI_Comm_split with the same color and key (collective over this group);
   // the child shares the device, the compute stream and the ordering mode.
   std::unique_ptr<Communicator> split(int color, int key, const std::string& label) override;
+  // Overlapped sums whatever the ordering mode: the reduction waits for the compute stream's work
+  // so far (the gradients written) and runs on this communicator's stream while the compute
+  // stream goes on; wait_reductions() makes the compute stream wait for them (the host does not
+  // wait). Host buffers go to the MPI twin's nonblocking reductions.
+  void start_all_reduce_sum(void* data, int64_t n, CommDType dtype) override;
+  void progress() override;
+  void wait_reductions() override;
 
   // ---- streams ----------------------------------------------------------------------------------
   cudaStream_t stream() const { return stream_; }
@@ -130,6 +137,7 @@ class NcclCommunicator final : public Communicator {
   using Communicator::broadcast;
   using Communicator::recv;
   using Communicator::send;
+  using Communicator::start_all_reduce_sum;
 
  private:
   struct Adopt {};
@@ -166,6 +174,7 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t comm_done_ = nullptr;      // recorded on stream_
   double* scalar_device_ = nullptr;      // all_reduce_scalar's device word
   double* scalar_host_ = nullptr;        // and its pinned host word
+  bool device_reductions_pending_ = false;  // started on stream_, compute not yet waiting
 };
 
 // NCCL's error text for a result ("unhandled cuda error (run with NCCL_DEBUG=INFO for details)").

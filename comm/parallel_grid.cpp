@@ -160,6 +160,15 @@ ParallelGrid::ParallelGrid(std::unique_ptr<Communicator> world, GridShape shape,
   tp_ = make_group(GridDim::kTp, coord_.sp + shape_.sp * coord_.dp, coord_.tp);
   sp_ = make_group(GridDim::kSp, coord_.tp + shape_.tp * coord_.dp, coord_.sp);
   dp_ = make_group(GridDim::kDp, coord_.tp + shape_.tp * coord_.sp, coord_.dp);
+  const int replica = coord_.sp + shape_.sp * coord_.dp, replicas = shape_.sp * shape_.dp;
+  replicas_ = replicas > 1 ? world_->split(coord_.tp, replica, "sp×dp")
+                           : std::make_unique<LocalCommunicator>(local_copy);
+  if (replicas_->size() != replicas || replicas_->rank() != replica)
+    throw std::logic_error("ParallelGrid: the sp×dp group of world rank " +
+                           std::to_string(world_->rank()) + " has " +
+                           std::to_string(replicas_->size()) + " ranks and this is rank " +
+                           std::to_string(replicas_->rank()) + ", expected " +
+                           std::to_string(replicas) + " and " + std::to_string(replica));
 }
 
 Communicator& ParallelGrid::group(GridDim dim) const {

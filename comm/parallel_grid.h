@@ -48,6 +48,10 @@ class ParallelGrid {
   Communicator& tp() const { return *tp_; }
   Communicator& sp() const { return *sp_; }
   Communicator& dp() const { return *dp_; }
+  // The sp × dp ranks that hold the same tensor-parallel shard (Megatron's data-parallel group
+  // "with context parallel"): every rank of it computed part of the same gradient, which is summed
+  // over it in one reduction. Ordered by sp_rank + sp · dp_rank.
+  Communicator& replicas() const { return *replicas_; }
   Communicator& group(GridDim dim) const;
 
   int world_rank() const { return world_->rank(); }
@@ -77,7 +81,7 @@ class ParallelGrid {
   std::unique_ptr<Communicator> world_;
   GridShape shape_;
   GridCoord coord_;
-  std::unique_ptr<Communicator> tp_, sp_, dp_;
+  std::unique_ptr<Communicator> tp_, sp_, dp_, replicas_;
   std::vector<std::string> host_names_;
 };
 

@@ -80,7 +80,33 @@ LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
       lin.in = local_[lin.weight].shape[1];
     }
     layers_.push_back(p);
+    layer_first_param_.push_back(static_cast<size_t>(p.input_norm));
   }
+  layer_first_param_.push_back(static_cast<size_t>(final_norm_index_));
+}
+
+template <typename T>
+void LlamaModel<T>::set_recompute(bool on) {
+  if (on == recompute_) return;
+  recompute_ = on;
+  batch_ = seq_len_ = 0;  // the next forward lays out its activations anew
+  have_grad_state_ = false;
+}
+
+template <typename T>
+void LlamaModel<T>::report_grads_ready(size_t first, size_t last) {
+  if (!grad_ready_hook_) return;
+  int64_t begin = 0, end = 0;  // the range being extended
+  for (size_t i = first; i < last; ++i) {
+    if (!trainable(i)) continue;
+    if (end > begin && local_[i].offset != end) {
+      grad_ready_hook_(begin, end - begin);
+      begin = end = 0;
+    }
+    if (end == begin) begin = end = local_[i].offset;
+    end += local_[i].numel;
+  }
+  if (end > begin) grad_ready_hook_(begin, end - begin);
 }
 
 template <typename T>
@@ -242,8 +268,11 @@ SequenceShard LlamaModel<T>::sequence_shard(int64_t seq_len) const {
 }
 
 template <typename T>
-void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
-  if (batch == batch_ && seq_len == seq_len_) return;
+void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len, bool training) {
+  const bool per_layer = training && !recompute_;
+  const bool keep_exchanged = training && recompute_;
+  if (batch == batch_ && seq_len == seq_len_ && training == prepared_training_) return;
+  prepared_training_ = training;
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, I = c.intermediate_size / tp_size_;
   const int64_t q_width = c.num_attention_heads / tp_size_ * c.head_dim;
@@ -290,8 +319,10 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   // Release the old activations before allocating the new ones.
   residual_.clear();
   acts_.clear();
+  kept_sinks_.clear();
+  kept_memory_.clear();
   for (int64_t l = 0; l <= n_layers; ++l) residual_.emplace_back(kernels_, N * H);
-  for (int64_t l = 0; l < n_layers; ++l) {
+  for (int64_t l = 0; l < (per_layer ? n_layers : 1); ++l) {
     LayerActivations a;
     a.norm1 = Buffer<T>(kernels_, N * H);
     a.rstd1 = Buffer<Acc<T>>(kernels_, N);
@@ -318,6 +349,12 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len) {
   memory_buffer_ = Buffer<T>(
       kernels_, sh.memory_in_row >= 0 || sh.memory_out_row >= 0
                     ? batch * freqkv_.compressed() * kv_width : 0);
+  if (keep_exchanged) {
+    for (int64_t l = 0; l < n_layers && sh.receives_sinks; ++l)
+      kept_sinks_.emplace_back(kernels_, sink_rows_ * kv_width);
+    for (int64_t l = 0; l < n_layers && sh.memory_in_row >= 0; ++l)
+      kept_memory_.emplace_back(kernels_, batch * freqkv_.compressed() * kv_width);
+  }
 
   d_residual_ = Buffer<T>(kernels_, N * H);
   d_final_norm_ = Buffer<T>(kernels_, N * H);
@@ -461,15 +498,18 @@ void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
 }
 
 template <typename T>
-void LlamaModel<T>::memory_in_forward(T* kv_rows) {
+void LlamaModel<T>::memory_in_forward(T* kv_rows, const T* kept) {
   const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed();
-  Communicator& sp = *parallel_.sp;
-  sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
+  const T* memory = kept;
+  if (memory == nullptr) {
+    Communicator& sp = *parallel_.sp;
+    sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
+    memory = memory_buffer_.data();
+  }
   for (int64_t b = 0; b < batch_; ++b)
     kernels_.copy_on_device(kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width,
-                            memory_buffer_.data() + b * L * width,
-                            static_cast<size_t>(L * width) * sizeof(T));
+                            memory + b * L * width, static_cast<size_t>(L * width) * sizeof(T));
 }
 
 template <typename T>
@@ -509,7 +549,7 @@ void LlamaModel<T>::memory_out_backward(T* d_kv_rows) {
 }
 
 template <typename T>
-void LlamaModel<T>::layer_forward(int64_t l) {
+void LlamaModel<T>::layer_forward(int64_t l, bool replay) {
   const ModelConfig& c = config_;
   // This rank's heads and FFN columns (all of them without tensor parallelism).
   const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size / tp_size_;
@@ -517,7 +557,7 @@ void LlamaModel<T>::layer_forward(int64_t l) {
   const int64_t Hq = c.num_attention_heads / tp_size_, Hkv = c.num_key_value_heads / tp_size_;
   const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
   const LayerParams& p = layers_[l];
-  LayerActivations& a = acts_[l];
+  LayerActivations& a = activations(l);
   const T* x = residual_[l].data();
   T* out = residual_[l + 1].data();
   Kernels<T>& k = kernels_;
@@ -532,12 +572,27 @@ void LlamaModel<T>::layer_forward(int64_t l) {
   // FreqKV: lay out [sink ; memory ; chunk] rows, compress pre-RoPE keys and values chunk by
   // chunk, then rotate keys and queries with their cache-layout positions. Under sequence
   // parallelism the sinks come from the first rank and the first memory from the previous one.
+  // A replay takes the received rows from what the first run kept.
   T* kv_rows = a.kv_rows.data();
-  if (shard_.receives_sinks) exchange_sinks_forward(kv_ext_.data());
+  const bool keep = !replay && recompute_ && prepared_training_;
+  const size_t sink_bytes = static_cast<size_t>(sink_rows_ * kv_width) * sizeof(T);
+  if (shard_.receives_sinks) {
+    if (replay) {
+      k.copy_on_device(kv_ext_.data(), kept_sinks_[l].data(), sink_bytes);
+    } else {
+      exchange_sinks_forward(kv_ext_.data());
+      if (keep) k.copy_on_device(kept_sinks_[l].data(), kv_ext_.data(), sink_bytes);
+    }
+  }
   k.gather_rows(kv_rows, kv_width, kv_ext_.data(), kv_width, kv_source_.data(), kv_rows_, kv_width);
-  if (shard_.memory_in_row >= 0) memory_in_forward(kv_rows);
+  if (shard_.memory_in_row >= 0) {
+    memory_in_forward(kv_rows, replay ? kept_memory_[l].data() : nullptr);
+    if (keep)
+      k.copy_on_device(kept_memory_[l].data(), memory_buffer_.data(),
+                       static_cast<size_t>(kept_memory_[l].size()) * sizeof(T));
+  }
   apply_compressions(kv_rows, false);
-  if (shard_.memory_out_row >= 0) memory_out_forward(kv_rows);
+  if (shard_.memory_out_row >= 0 && !replay) memory_out_forward(kv_rows);
   k.rope(kv_rows, kv_width, kv_rows, kv_width, kv_positions_.data(), kv_rows_, static_cast<int>(Hkv),
          static_cast<int>(D), c.rope_theta, false);
   k.rope(a.q.data(), q_width, a.q.data(), q_width, query_positions_.data(), N, static_cast<int>(Hq),
@@ -565,7 +620,7 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
     throw std::invalid_argument("forward: batch and sequence length must be >= 1, got batch=" +
                                 std::to_string(batch) + " seq_len=" + std::to_string(seq_len));
   const ModelConfig& c = config_;
-  prepare(batch, seq_len);
+  prepare(batch, seq_len, grad_scale != 0.0);
   const int64_t N = n_tokens_, V = c.vocab_size, H = c.hidden_size;
   LossSum result;
   for (int64_t n = 0; n < N; ++n) {
@@ -681,7 +736,7 @@ void LlamaModel<T>::layer_backward(int64_t l) {
   const int64_t Hq = c.num_attention_heads / tp_size_, Hkv = c.num_key_value_heads / tp_size_;
   const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
   const LayerParams& p = layers_[l];
-  LayerActivations& a = acts_[l];
+  LayerActivations& a = activations(l);
   Kernels<T>& k = kernels_;
   T* d_res = d_residual_.data();  // enters as d(layer output), leaves as d(layer input)
 
@@ -742,13 +797,20 @@ void LlamaModel<T>::backward() {
   k.rmsnorm_backward(d_residual_.data(), grad(final_norm_index_), d_final_norm_.data(),
                      residual_[c.num_hidden_layers].data(), param(final_norm_index_),
                      final_rstd_.data(), N, H);
-  for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) layer_backward(l);
+  for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
+    // The workspace still holds the top layer's activations from the forward.
+    if (recompute_ && l != c.num_hidden_layers - 1) layer_forward(l, /*replay=*/true);
+    layer_backward(l);
+    report_grads_ready(layer_first_param_[l], layer_first_param_[l + 1]);
+  }
   if (trainable(embed_index_)) {
     if (tp_size_ == 1)
       k.embedding_backward(grad(embed_index_), d_residual_.data(), inputs_.data(), N, H);
     else  // the rows this rank holds
       k.scatter_add_rows(grad(embed_index_), H, d_residual_.data(), H, embed_rows_.data(), N, H);
   }
+  report_grads_ready(0, layer_first_param_.front());  // the embeddings
+  report_grads_ready(layer_first_param_.back(), table_.size());  // final norm, LM head
   have_grad_state_ = false;
 }
 

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -119,6 +120,25 @@ class LlamaModel {
   // Rows of logits computed at once by the fused classifier (bounds its scratch memory).
   void set_classifier_block_rows(int64_t rows) { classifier_rows_ = rows; }
 
+  // Activation recomputation per layer (Megatron's full recompute, llm.c's -r): forward keeps
+  // only each layer's input (and the few rows sequence parallelism received for it); backward
+  // runs the layer's forward again into one shared workspace just before the layer's backward.
+  // Costs one more forward of every layer (about a third more compute); saves the activations of
+  // all layers but one. Gradients are those of the plain path (the same kernels on the same
+  // inputs). Tensor-parallel all-reduces inside the layer run again; sequence-parallel transfers
+  // do not (their rows are kept).
+  void set_recompute(bool on);
+  bool recompute() const { return recompute_; }
+
+  // Called during backward() with disjoint ranges [offset, offset + count) of the gradient arena
+  // as soon as their gradients are final for this backward: a layer's trainable parameters right
+  // after its backward, the rest (embeddings, final norm, LM head) at the end. Together the calls
+  // cover every trainable parameter once; frozen parameters are never reported. The trainer
+  // starts the data-parallel reduction of each range here, overlapping it with the backward of
+  // the layers below. No hook (the default): nothing is called.
+  using GradReadyHook = std::function<void(int64_t offset, int64_t count)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_ready_hook_ = std::move(hook); }
+
  private:
   // One projection y = x W^T (+ LoRA), by parameter indices (-1: no adapter).
   enum LinearId { kQ, kK, kV, kO, kGate, kUp, kDown, kLinearCount };
@@ -153,15 +173,25 @@ class LlamaModel {
                            LossSum& result);
   template <typename U>
   std::vector<U> to_logical(size_t i, const std::vector<U>& gathered) const;
-  void prepare(int64_t batch, int64_t seq_len);  // allocates activations and the schedule
-  void layer_forward(int64_t l);
+  // Allocates activations and the schedule; per-layer activations only when `keep_per_layer`
+  // (training without recomputation), else one workspace shared by all layers.
+  void prepare(int64_t batch, int64_t seq_len, bool keep_per_layer);
+  // The activations layer l writes: its own, or the shared workspace.
+  LayerActivations& activations(int64_t l) { return acts_[acts_.size() == 1 ? 0 : l]; }
+  // replay: the recomputation in backward (sequence-parallel rows come from what the first run
+  // kept, nothing is sent or received).
+  void layer_forward(int64_t l, bool replay = false);
   void layer_backward(int64_t l);
+  // Reports the trainable parameters among table indices [first, last) to the hook, as
+  // contiguous arena ranges.
+  void report_grads_ready(size_t first, size_t last);
   void apply_compressions(T* kv_rows, bool backward);
   // Sequence parallelism: fill the sink rows and the incoming memory from other ranks (forward);
   // return their gradients (backward).
   void exchange_sinks_forward(T* kv_ext);
   void exchange_sinks_backward(T* d_kv_ext);
-  void memory_in_forward(T* kv_rows);
+  // kept: the memory a replay reuses (nullptr: receive it from the previous rank).
+  void memory_in_forward(T* kv_rows, const T* kept = nullptr);
   void memory_in_backward(const T* d_kv_rows);
   void memory_out_forward(const T* kv_rows);
   void memory_out_backward(T* d_kv_rows);
@@ -188,6 +218,9 @@ class LlamaModel {
   Buffer<T> params_, grads_;
   int64_t embed_index_ = 0, final_norm_index_ = 0, lm_head_index_ = 0;
   int64_t classifier_rows_ = 1024;
+  bool recompute_ = false;
+  GradReadyHook grad_ready_hook_;
+  std::vector<size_t> layer_first_param_;  // table index of each layer's first parameter, + end
 
   // Shape of the current activations.
   int64_t batch_ = 0, seq_len_ = 0, n_tokens_ = 0, kv_rows_ = 0;  // kv_rows_: all sequences
@@ -201,7 +234,11 @@ class LlamaModel {
 
   // Activations: the residual stream before each layer and after the last, per-layer saves.
   std::vector<Buffer<T>> residual_;
-  std::vector<LayerActivations> acts_;
+  std::vector<LayerActivations> acts_;  // one per layer, or one shared workspace
+  bool prepared_training_ = false;  // the activations are laid out for a backward
+  // With recomputation under sequence parallelism: per layer, the sink rows and the memory this
+  // rank received in the first run, replayed without communication.
+  std::vector<Buffer<T>> kept_sinks_, kept_memory_;
   Buffer<T> final_norm_, logits_, kv_ext_, memory_buffer_;
   Buffer<Acc<T>> final_rstd_, losses_, tp_stats_;
   // Backward scratch.

@@ -240,6 +240,36 @@ TEST(MpiCommunicator, AllReduceScalarAndBarrier) {
   EXPECT_NE(world.describe().find("group 'world'"), std::string::npos) << world.describe();
 }
 
+TEST(MpiCommunicator, StartedSumsEqualBlockingSums) {
+  // Several overlapped sums in flight at once (f32, f64, bf16, one split into chunks), advanced
+  // by progress() and finished by wait_reductions(), equal the blocking all_reduce.
+  MpiCommunicator world(MPI_COMM_WORLD, "world", /*max_chunk=*/7);
+  const int r = world.rank();
+  std::vector<float> f(23), f_ref;
+  std::vector<double> d(5), d_ref;
+  std::vector<bf16> b(9), b_ref;
+  for (size_t i = 0; i < f.size(); ++i) f[i] = static_cast<float>(std::sin(1.0 + i + 7.0 * r));
+  for (size_t i = 0; i < d.size(); ++i) d[i] = std::cos(2.0 + i * (r + 1));
+  for (size_t i = 0; i < b.size(); ++i) b[i] = bf16(static_cast<float>(i + r) * 0.25f);
+  f_ref = f;
+  d_ref = d;
+  b_ref = b;
+  world.all_reduce_sum(f_ref.data(), static_cast<int64_t>(f_ref.size()));
+  world.all_reduce_sum(d_ref.data(), static_cast<int64_t>(d_ref.size()));
+  world.all_reduce_sum(b_ref.data(), static_cast<int64_t>(b_ref.size()));
+  world.start_all_reduce_sum(f.data(), static_cast<int64_t>(f.size()));
+  world.progress();
+  world.start_all_reduce_sum(d.data(), static_cast<int64_t>(d.size()));
+  world.start_all_reduce_sum(b.data(), static_cast<int64_t>(b.size()));
+  world.progress();
+  world.wait_reductions();
+  world.wait_reductions();  // nothing left: a no-op
+  for (size_t i = 0; i < f.size(); ++i) EXPECT_FLOAT_EQ(f[i], f_ref[i]) << i;
+  for (size_t i = 0; i < d.size(); ++i) EXPECT_DOUBLE_EQ(d[i], d_ref[i]) << i;
+  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(static_cast<float>(b[i]), static_cast<float>(b_ref[i])) << i;
+  EXPECT_THROW(world.start_all_reduce_sum(f.data(), -1, CommDType::kF32), std::invalid_argument);
+}
+
 TEST(MpiCommunicator, Bf16SumAddsInFp32AndRoundsToNearestEven) {
   MpiCommunicator world(MPI_COMM_WORLD);
   if (world.size() < 2) GTEST_SKIP() << "needs two ranks";
@@ -514,6 +544,13 @@ TEST(ParallelGrid, EveryShapeOfTheWorldHasTheDeclaredOrderAndGroups) {
                         grid->sp().all_reduce_scalar(1.0, ReduceOp::kSum) *
                         grid->dp().all_reduce_scalar(1.0, ReduceOp::kSum);
     EXPECT_EQ(ones, static_cast<double>(p));
+    // The sp × dp replicas: the world ranks sharing this rank's tp coordinate, by sp + sp·dp.
+    std::vector<int> replicas;
+    for (int d = 0; d < shape.dp; ++d)
+      for (int s = 0; s < shape.sp; ++s)
+        replicas.push_back(ParallelGrid::world_rank_of(shape, {grid->tp_rank(), s, d}));
+    EXPECT_EQ(exchanged_members(grid->replicas(), r), replicas);
+    EXPECT_EQ(grid->replicas().rank(), grid->sp_rank() + shape.sp * grid->dp_rank());
   }
 }
 

@@ -76,10 +76,12 @@ std::pair<double, std::vector<std::vector<double>>> loss_and_grads(const ModelCo
                                                                    const FreqKVConfig& f,
                                                                    const LoraConfig& lora,
                                                                    const Batch& data,
-                                                                   const ModelParallel& parallel) {
+                                                                   const ModelParallel& parallel,
+                                                                   bool recompute = false) {
   CpuKernels<T> k;
   Communicator* sp = parallel.sp;
   LlamaModel<T> model(c, f, k, lora, parallel);
+  model.set_recompute(recompute);
   model.init_random(77, 0.3);
   if (lora.enabled) {  // non-zero B so that every adapter factor carries gradient
     for (size_t i = 0; i < model.param_table().size(); ++i) {
@@ -126,7 +128,7 @@ double relative_error(const std::vector<double>& a, const std::vector<double>& b
 template <typename T>
 void expect_parallel_matches_single_rank(const FreqKVConfig& f, const LoraConfig& lora,
                                          int64_t seq_len, double tolerance, GridShape shape,
-                                         bool tied = false) {
+                                         bool tied = false, bool recompute = false) {
   ModelConfig c = small_config();
   c.tie_word_embeddings = tied;
   const Batch data = make_batch(2, seq_len, c.vocab_size, 5);
@@ -135,7 +137,7 @@ void expect_parallel_matches_single_rank(const FreqKVConfig& f, const LoraConfig
   ModelParallel parallel;
   parallel.tp = &grid.tp();
   parallel.sp = &grid.sp();
-  const auto [loss, grads] = loss_and_grads<T>(c, f, lora, data, parallel);
+  const auto [loss, grads] = loss_and_grads<T>(c, f, lora, data, parallel, recompute);
   EXPECT_NEAR(loss, ref_loss, tolerance * std::abs(ref_loss));
   const ParamTable table = llama_param_table(c, lora);
   ASSERT_EQ(grads.size(), table.size());
@@ -188,6 +190,24 @@ TEST(TensorParallel, LossAndGradientsMatchOneRankInFloat) {
 TEST(TensorAndSequenceParallel, TwoByTwoMatchesOneRankInDouble) {
   if (ranks() != 4) GTEST_SKIP() << "needs 4 ranks";
   expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12, {2, 2, 1});
+}
+
+// Activation recomputation replays each layer in backward: tensor-parallel all-reduces run again,
+// sequence-parallel rows (sinks, memories) come from what the first run kept.
+TEST(SequenceParallel, RecomputeMatchesOneRankInDouble) {
+  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12,
+                                              {1, ranks(), 1}, false, true);
+}
+
+TEST(TensorParallel, RecomputeMatchesOneRankInDouble) {
+  expect_parallel_matches_single_rank<double>(freqkv(10, 0, 0.3), some_lora(), 37, 1e-12,
+                                              {ranks(), 1, 1}, true, true);
+}
+
+TEST(TensorAndSequenceParallel, TwoByTwoRecomputeMatchesOneRankInDouble) {
+  if (ranks() != 4) GTEST_SKIP() << "needs 4 ranks";
+  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12, {2, 2, 1},
+                                              false, true);
 }
 
 TEST(SequenceParallel, TooFewChunksForTheRanksIsAClearError) {
@@ -290,15 +310,22 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
   std::vector<GridShape> shapes = {{1, n, 1}, {1, 1, n}, {n, 1, 1}};
   if (n == 4) shapes.insert(shapes.end(), {{1, 2, 2}, {2, 2, 1}, {2, 1, 2}});
   for (const GridShape& shape : shapes) {
-    for (const bool zero1 : {true, false}) {
-    if (!zero1 && shape.dp == 1) continue;
+    // The defaults (ZeRO-1, gradients reduced over sp × dp during the backward); and, where
+    // several ranks share a gradient, ZeRO-1 off, reduction after the backward over sp then dp,
+    // with activation recomputation.
+    for (const bool defaults : {true, false}) {
+    if (!defaults && shape.sp * shape.dp == 1) continue;
     const std::string run = "tp" + std::to_string(shape.tp) + "_sp" + std::to_string(shape.sp) +
-                            "_dp" + std::to_string(shape.dp) + (zero1 ? "_zero1" : "");
+                            "_dp" + std::to_string(shape.dp) + (defaults ? "" : "_variant");
     {
       ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), shape);
       CpuKernels<float> k;
-      TrainingRun<float>(config(run, {std::string("parallel.zero1=") + (zero1 ? "true" : "false")}),
-                         k, TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
+      const std::vector<std::string> variant = {"parallel.zero1=false",
+                                                "parallel.overlap_grad_reduce=false",
+                                                "recompute=true"};
+      TrainingRun<float>(config(run, defaults ? std::vector<std::string>{} : variant), k,
+                         TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp(),
+                                     defaults ? &grid.replicas() : nullptr})
           .run();
     }
     world().barrier();
@@ -329,7 +356,8 @@ TEST_F(GridTraining, EveryGridGivesTheSameLossCurveAndCheckpointsReshard) {
       ParallelGrid grid(std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, "world"), shape);
       CpuKernels<float> k;
       TrainingRun<float>(config(run, extra), k,
-                         TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()})
+                         TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp(),
+                                     &grid.replicas()})
           .run(stop);
     }
     world().barrier();

@@ -35,7 +35,8 @@ int train_with(const TrainConfig& config, int64_t stop_at, const TrainGroups& gr
 template <typename T>
 int train_with(const TrainConfig& config, int64_t stop_at, ParallelGrid& grid, Kernels<T>& kernels) {
   return train_with(config, stop_at,
-                    TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp()}, kernels);
+                    TrainGroups{&grid.world(), &grid.tp(), &grid.sp(), &grid.dp(), &grid.replicas()},
+                    kernels);
 }
 
 }  // namespace
@@ -114,7 +115,8 @@ int run_train(const std::vector<std::string>& args) {
                       version / 10000, version / 100 % 100, version % 100);
         }
         return train_with<bf16>(config, stop_at,
-                                TrainGroups{&grid->world(), &nccl->tp(), &nccl->sp(), &nccl->dp()},
+                                TrainGroups{&grid->world(), &nccl->tp(), &nccl->sp(), &nccl->dp(),
+                                           &nccl->replicas()},
                                 *kernels);
       }
 #else

@@ -33,6 +33,7 @@ model:  # the model to fine-tune: set exactly one of path and init_config
   init_std: 0.02  # standard deviation of the random initial weights (init_config only)
 device: cpu  # where the model runs: cpu | cuda
 precision: fp32  # parameter and activation type: fp32 | fp64 on cpu; bf16 on cuda
+recompute: false  # activation recomputation: keep each layer's input only, replay the layer in backward
 freqkv:  # FreqKV attention (../shared/docs/FREQKV.md)
   enabled: true  # false: plain causal attention over the whole sequence
   cache: 4096  # C: rows attended at most (sink + memory + recent); the pretrained context
@@ -84,6 +85,7 @@ parallel:  # the tp x sp x dp rank grid (docs/ARCHITECTURE.md)
   sp: 1  # sequence parallel ranks: split the FreqKV chunks of a sequence
   dp: 1  # data parallel ranks: split the sequences of a step
   zero1: true  # ZeRO-1: shard AdamW state and fp32 master weights across the dp ranks
+  overlap_grad_reduce: true  # sum each layer's gradients over sp x dp while the backward goes on
 )yaml";
 
 const std::vector<std::string> kLoraTargets = {"q_proj",    "k_proj", "v_proj",   "o_proj",
@@ -520,6 +522,8 @@ TrainConfig read_config(YAML::Node merged, Origins origins) {
     in.fail("precision", "device cuda trains in bf16; fp32 and fp64 run on device cpu");
   }
 
+  config.recompute = in.boolean("recompute");
+
   FreqKVConfig& freqkv = config.freqkv;
   freqkv.enabled = in.boolean("freqkv.enabled");
   freqkv.cache = in.positive_integer("freqkv.cache");
@@ -630,6 +634,7 @@ TrainConfig read_config(YAML::Node merged, Origins origins) {
   parallel.sp = in.positive_integer("parallel.sp");
   parallel.dp = in.positive_integer("parallel.dp");
   parallel.zero1 = in.boolean("parallel.zero1");
+  parallel.overlap_grad_reduce = in.boolean("parallel.overlap_grad_reduce");
 
   config.resolved_yaml = in.resolved_yaml();
   return config;
@@ -709,10 +714,11 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) {
     return std::tie(l.every, l.metrics_file, l.run_dir);
   };
   const auto parallel = [](const ParallelSection& p) {
-    return std::tie(p.tp, p.sp, p.dp, p.zero1);
+    return std::tie(p.tp, p.sp, p.dp, p.zero1, p.overlap_grad_reduce);
   };
   return model(a.model) == model(b.model) && a.device == b.device &&
-         a.precision == b.precision && freqkv(a.freqkv) == freqkv(b.freqkv) &&
+         a.precision == b.precision && a.recompute == b.recompute &&
+         freqkv(a.freqkv) == freqkv(b.freqkv) &&
          data(a.data) == data(b.data) &&
          validation(a.data.validation) == validation(b.data.validation) &&
          optimizer(a.optimizer) == optimizer(b.optimizer) &&

@@ -93,12 +93,14 @@ struct ParallelSection {
   int64_t sp = 1;  // sequence parallel ranks
   int64_t dp = 1;  // data parallel ranks
   bool zero1 = true;  // shard the optimiser state across the dp ranks (ZeRO stage 1)
+  bool overlap_grad_reduce = true;  // reduce gradients during the backward (per layer)
 };
 
 struct TrainConfig {
   ModelSection model;
   TrainDevice device = TrainDevice::Cpu;
   TrainPrecision precision = TrainPrecision::FP32;
+  bool recompute = false;  // activation recomputation per layer (LlamaModel::set_recompute)
   FreqKVConfig freqkv;
   DataSection data;
   OptimizerSection optimizer;

@@ -36,7 +36,8 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
       world_(groups.world ? groups.world : &local_),
       tp_(groups.tp ? groups.tp : &local_),
       sp_(groups.sp ? groups.sp : &local_),
-      dp_(groups.dp ? groups.dp : &local_) {
+      dp_(groups.dp ? groups.dp : &local_),
+      replicas_(groups.replicas) {
   if (config_.data.batch_size % dp_->size() != 0)
     throw std::invalid_argument("data.batch_size = " + std::to_string(config_.data.batch_size) +
                                 " sequences must divide among dp = " +
@@ -62,6 +63,7 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
   model_ = std::make_unique<LlamaModel<T>>(model_config, config_.freqkv, kernels_,
                                            lora_config_of(config_), parallel);
   shard_ = model_->sequence_shard(config_.data.seq_len);
+  model_->set_recompute(config_.recompute);
   if (resume) {
     load_checkpoint_weights(*resume, *model_);
   } else if (!config_.model.path.empty()) {
@@ -215,7 +217,20 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
     model_->zero_grads();
     const double grad_scale = 1.0 / static_cast<double>(d.grad_accum * d.batch_size * T_len);
     LossSum local;
+    // The last micro-batch's backward reports each range of final gradients; with overlap on,
+    // its reduction starts right there, while the layers below are still in backward.
+    const bool overlap = config_.parallel.overlap_grad_reduce && replicas_ != nullptr &&
+                         replicas_->size() > 1;
+    ready_ranges_.clear();
     for (int64_t micro = 0; micro < d.grad_accum; ++micro) {
+      if (micro + 1 == d.grad_accum) {
+        model_->set_grad_ready_hook([this, overlap](int64_t offset, int64_t count) {
+          ready_ranges_.emplace_back(offset, count);
+          if (!overlap) return;
+          replicas_->progress();
+          replicas_->start_all_reduce_sum(model_->grads() + offset, count);
+        });
+      }
       for (int64_t b = 0; b < B; ++b) {
         // The sequence's index within the step does not depend on the grid.
         sampler_->sample(step, micro * d.batch_size + dp_->rank() * B + b, window.data());
@@ -226,10 +241,8 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
       local.sum += s.sum;
       local.count += s.count;
     }
-    // Every rank of a step computed part of the gradient: sequence shards, then sequences.
-    const int64_t arena = model_->arena_numel();
-    for (Communicator* group : {sp_, dp_})
-      if (group->size() > 1) group->all_reduce_sum(model_->grads(), arena);
+    model_->set_grad_ready_hook(nullptr);
+    reduce_gradients_started(overlap);
     const LossSum loss = reduce_loss(local);
     const double mean_loss = loss.sum / static_cast<double>(loss.count);
     const double norm = optimizer_->grad_norm();
@@ -273,6 +286,22 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
       save_checkpoint(step, summary);
   }
   return summary;
+}
+
+template <typename T>
+void TrainingRun<T>::reduce_gradients_started(bool overlapped) {
+  // Every rank of a step computed part of the gradient (its sequence shards, its sequences):
+  // sum the trainable ranges over the sp × dp ranks (frozen parameters have nothing to sum).
+  if (overlapped) {
+    replicas_->wait_reductions();
+    return;
+  }
+  const std::vector<Communicator*> groups =
+      replicas_ ? std::vector<Communicator*>{replicas_} : std::vector<Communicator*>{sp_, dp_};
+  for (Communicator* group : groups)
+    if (group->size() > 1)
+      for (const auto& [offset, count] : ready_ranges_)
+        group->all_reduce_sum(model_->grads() + offset, count);
 }
 
 template class TrainingRun<float>;

@@ -32,6 +32,9 @@ struct TrainGroups {
   Communicator* tp = nullptr;  // splits heads, FFN columns and the vocabulary
   Communicator* sp = nullptr;  // splits every sequence's FreqKV chunks
   Communicator* dp = nullptr;  // splits the sequences of a step
+  // sp × dp: the ranks holding the same tp shard (ParallelGrid::replicas), over which gradients
+  // are summed in one reduction. nullptr: summed over sp, then over dp.
+  Communicator* replicas = nullptr;
 };
 
 template <typename T>
@@ -59,7 +62,11 @@ class TrainingRun {
   TrainConfig config_;
   Kernels<T>& kernels_;
   LocalCommunicator local_;  // stands in for every group not given
-  Communicator *world_, *tp_, *sp_, *dp_;
+  Communicator *world_, *tp_, *sp_, *dp_, *replicas_;
+  // This step's gradient reduction: the ranges the model reported (trainable parameters only),
+  // started during the backward of the last micro-batch when parallel.overlap_grad_reduce is on.
+  void reduce_gradients_started(bool overlapped);
+  std::vector<std::pair<int64_t, int64_t>> ready_ranges_;
   SequenceShard shard_;
   std::unique_ptr<LlamaModel<T>> model_;
   std::unique_ptr<AdamW<T>> optimizer_;
