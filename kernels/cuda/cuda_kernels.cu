@@ -12,6 +12,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <map>
@@ -268,7 +269,11 @@ class CudaKernels final : public Kernels<bf16> {
 
   const bf16* compression_matrix(int64_t n_in, int64_t n_out);
   const double* rope_inverse_frequencies(int head_dim, double theta);
-  const AttentionPlan& attention_plan(const std::vector<AttnBlock>& blocks, int head_dim);
+  const AttentionPlan& attention_plan(const std::vector<AttnBlock>& blocks, int tile_rows);
+  // The tensor-core flash kernels serve this head size (and FREQKV_ATTENTION does not say simple).
+  bool use_flash_attention(int head_dim) const {
+    return flash_attention_ && cuda::flash_attention_supported(head_dim);
+  }
 
   int device_ = 0;
   int multiprocessor_count_ = 0;
@@ -293,9 +298,21 @@ class CudaKernels final : public Kernels<bf16> {
   std::map<std::pair<int64_t, int64_t>, bf16*> compression_matrices_;
   std::map<std::pair<int, double>, double*> rope_tables_;
   std::list<AttentionPlan> attention_plans_;  // most recently used first
+  // Environment FREQKV_ATTENTION, read once here: unset or "flash" = the flash kernels where they
+  // serve the head size (kernels/cuda/flash_attention.cu), "simple" = always the CUDA-core kernels
+  // (kernels/cuda/attention.cu).
+  bool flash_attention_ = true;
 };
 
 CudaKernels::CudaKernels(int device) : device_(device) {
+  if (const char* choice = std::getenv("FREQKV_ATTENTION"); choice != nullptr && *choice != 0) {
+    const std::string value = choice;
+    if (value != "flash" && value != "simple") {
+      throw std::invalid_argument("cuda-bf16: environment FREQKV_ATTENTION = '" + value +
+                                  "': expected 'flash' (the default) or 'simple'");
+    }
+    flash_attention_ = value == "flash";
+  }
   try {
     activate();
     check_cuda(
@@ -718,8 +735,7 @@ void CudaKernels::rope(bf16* out, int64_t ld_out, const bf16* x, int64_t ld_x,
 // ---- attention ----------------------------------------------------------------------------------
 
 const AttentionPlan& CudaKernels::attention_plan(const std::vector<AttnBlock>& blocks,
-                                                 int head_dim) {
-  const int tile_rows = cuda::attention_tile_rows(head_dim);
+                                                 int tile_rows) {
   std::lock_guard<std::mutex> lock(cache_mutex_);
   for (auto it = attention_plans_.begin(); it != attention_plans_.end(); ++it) {
     if (it->tile_rows == tile_rows && same_blocks(it->blocks, blocks)) {
@@ -731,19 +747,13 @@ const AttentionPlan& CudaKernels::attention_plan(const std::vector<AttnBlock>& b
   AttentionPlan plan;
   plan.blocks = blocks;
   plan.tile_rows = tile_rows;
-  std::vector<cuda::AttentionTile> tiles;
+  std::vector<cuda::AttentionTile> tiles = flash::make_query_tiles(blocks, tile_rows);
   for (const AttnBlock& b : blocks) {
-    for (int64_t row0 = 0; row0 < b.n_q; row0 += tile_rows) {
-      tiles.push_back({b.q_start, b.n_q, b.kv_start, b.n_kv, row0});
-    }
     if (b.n_q > 0) plan.n_query_rows = std::max(plan.n_query_rows, b.q_start + b.n_q);
   }
   plan.n_query_tiles = static_cast<int64_t>(tiles.size());
-  for (const AttnBlock& b : blocks) {
-    for (int64_t row0 = 0; row0 < b.n_kv; row0 += tile_rows) {
-      tiles.push_back({b.q_start, b.n_q, b.kv_start, b.n_kv, row0});
-    }
-  }
+  const std::vector<cuda::AttentionTile> key_tiles = flash::make_key_tiles(blocks, tile_rows);
+  tiles.insert(tiles.end(), key_tiles.begin(), key_tiles.end());
   plan.n_key_tiles = static_cast<int64_t>(tiles.size()) - plan.n_query_tiles;
   const size_t bytes = tiles.size() * sizeof(cuda::AttentionTile);
   if (bytes > 0) {
@@ -770,7 +780,13 @@ void CudaKernels::attention_forward(bf16* out, int64_t ld_out, acc_t* lse, const
   activate();
   check_cuda_attention_arguments(blocks, shape, ld_q, ld_out, ld_kv, /*kv_disjoint=*/false,
                             "cuda-bf16 attention_forward");
-  const AttentionPlan& plan = attention_plan(blocks, shape.head_dim);
+  if (use_flash_attention(shape.head_dim)) {
+    const AttentionPlan& plan = attention_plan(blocks, flash::kTileRows);
+    cuda::flash_attention_forward(context(), as_nv(out), ld_out, lse, as_nv(q), ld_q, as_nv(k),
+                                  as_nv(v), ld_kv, plan.query_tiles(), plan.n_query_tiles, shape);
+    return;
+  }
+  const AttentionPlan& plan = attention_plan(blocks, cuda::attention_tile_rows(shape.head_dim));
   cuda::attention_forward(context(), as_nv(out), ld_out, lse, as_nv(q), ld_q, as_nv(k), as_nv(v),
                           ld_kv, plan.query_tiles(), plan.n_query_tiles, shape);
 }
@@ -785,7 +801,15 @@ void CudaKernels::attention_backward(bf16* dq, bf16* dk, bf16* dv, const bf16* d
   // ranges must be disjoint since dk/dv are overwritten block by block.
   check_cuda_attention_arguments(blocks, shape, ld_q, ld_dout, ld_kv, /*kv_disjoint=*/true,
                             "cuda-bf16 attention_backward");
-  const AttentionPlan& plan = attention_plan(blocks, shape.head_dim);
+  if (use_flash_attention(shape.head_dim)) {
+    const AttentionPlan& plan = attention_plan(blocks, flash::kTileRows);
+    cuda::flash_attention_backward(context(), as_nv(dq), as_nv(dk), as_nv(dv), as_nv(dout),
+                                   ld_dout, as_nv(out), lse, as_nv(q), ld_q, as_nv(k), as_nv(v),
+                                   ld_kv, plan.query_tiles(), plan.n_query_tiles,
+                                   plan.key_tiles(), plan.n_key_tiles, plan.n_query_rows, shape);
+    return;
+  }
+  const AttentionPlan& plan = attention_plan(blocks, cuda::attention_tile_rows(shape.head_dim));
   cuda::attention_backward(context(), as_nv(dq), as_nv(dk), as_nv(dv), as_nv(dout), ld_dout,
                            as_nv(out), lse, as_nv(q), ld_q, as_nv(k), as_nv(v), ld_kv,
                            plan.query_tiles(), plan.n_query_tiles, plan.key_tiles(),

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/flash_attention_math.h"
 #include "kernels/kernels.h"
 
 namespace freqkv::cuda {
@@ -89,15 +90,10 @@ void cross_entropy_grad(const LaunchContext& ctx, __nv_bfloat16* logits, int64_t
                         int64_t vocab_begin, float grad_scale);
 
 // ---- attention.cu -------------------------------------------------------------------------------
-// One thread block's share of an AttnBlock: `n_rows` rows of the tile size starting at row `row0`
-// of the block (query rows for the forward and dq passes, key rows for the dk/dv pass).
-struct AttentionTile {
-  int64_t q_start;
-  int64_t n_q;
-  int64_t kv_start;
-  int64_t n_kv;
-  int64_t row0;
-};
+// One thread block's share of an AttnBlock: the rows of the tile size starting at row `row0`
+// of the block (query rows for the forward and dq passes, key rows for the dk/dv pass). Built by
+// flash::make_query_tiles / make_key_tiles (kernels/flash_attention_math.h) for both kernels.
+using AttentionTile = flash::Tile;
 
 // Rows per tile of the kernel that serves head_dim (256 threads, 32 dimensions per thread).
 // Throws std::invalid_argument for head_dim > kMaxAttentionHeadDim.
@@ -116,5 +112,22 @@ void attention_backward(const LaunchContext& ctx, __nv_bfloat16* dq, __nv_bfloat
                         const AttentionTile* query_tiles, int64_t n_query_tiles,
                         const AttentionTile* key_tiles, int64_t n_key_tiles, int64_t n_query_rows,
                         const AttnShape& shape);
+
+// ---- flash_attention.cu ---------------------------------------------------------------------------
+// The same contract on tensor cores (FlashAttention-2 tiling, WMMA bf16), for head_dim 64 and 128
+// only (flash_attention_supported); tiles of flash::kTileRows rows. Deterministic.
+bool flash_attention_supported(int head_dim);
+void flash_attention_forward(const LaunchContext& ctx, __nv_bfloat16* out, int64_t ld_out,
+                             float* lse, const __nv_bfloat16* q, int64_t ld_q,
+                             const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t ld_kv,
+                             const AttentionTile* query_tiles, int64_t n_query_tiles,
+                             const AttnShape& shape);
+void flash_attention_backward(const LaunchContext& ctx, __nv_bfloat16* dq, __nv_bfloat16* dk,
+                              __nv_bfloat16* dv, const __nv_bfloat16* dout, int64_t ld_dout,
+                              const __nv_bfloat16* out, const float* lse, const __nv_bfloat16* q,
+                              int64_t ld_q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                              int64_t ld_kv, const AttentionTile* query_tiles,
+                              int64_t n_query_tiles, const AttentionTile* key_tiles,
+                              int64_t n_key_tiles, int64_t n_query_rows, const AttnShape& shape);
 
 }  // namespace freqkv::cuda
