@@ -54,6 +54,19 @@ class Kernels {
 
   virtual std::string name() const = 0;  // "cpu-fp32", "cpu-fp64", "cuda-bf16", ...
 
+  // ---- memory accounting --------------------------------------------------------------------
+  // Bytes held now by the Buffers of this backend (parameters, gradients, optimiser state,
+  // activations, scratch: everything the model and trainer allocate; library workspaces such as
+  // cuBLAS's are not counted), and the most held at once since reset_peak_memory().
+  int64_t memory_in_use() const { return bytes_in_use_; }
+  int64_t peak_memory() const { return peak_bytes_; }
+  void reset_peak_memory() { peak_bytes_ = bytes_in_use_; }
+  // Buffer's bookkeeping: +bytes when it allocates, -bytes when it frees.
+  void count_buffer_bytes(int64_t delta) {
+    bytes_in_use_ += delta;
+    if (bytes_in_use_ > peak_bytes_) peak_bytes_ = bytes_in_use_;
+  }
+
   // ---- memory -------------------------------------------------------------------------------
   // Raw allocation on this backend (zero-filled); Buffer<U> below wraps it.
   virtual void* allocate_bytes(size_t bytes) = 0;
@@ -179,6 +192,9 @@ class Kernels {
   virtual void adamw_update(float* master, float* m, float* v, T* param, const T* grad, int64_t n,
                             double lr, double beta1, double beta2, double eps,
                             double weight_decay, int64_t step, double grad_scale) = 0;
+
+ private:
+  int64_t bytes_in_use_ = 0, peak_bytes_ = 0;
 };
 
 template <typename T>
@@ -234,8 +250,13 @@ class Buffer {
   Buffer(Kernels<T>& k, int64_t n) : size_(n) {
     if (n > 0) {
       Kernels<T>* kp = &k;
-      ptr_ = std::shared_ptr<void>(k.allocate_bytes(static_cast<size_t>(n) * sizeof(U)),
-                                   [kp](void* p) { kp->free_bytes(p); });
+      const int64_t bytes = n * static_cast<int64_t>(sizeof(U));
+      ptr_ = std::shared_ptr<void>(k.allocate_bytes(static_cast<size_t>(bytes)),
+                                   [kp, bytes](void* p) {
+                                     kp->free_bytes(p);
+                                     kp->count_buffer_bytes(-bytes);
+                                   });
+      k.count_buffer_bytes(bytes);
     }
   }
   U* data() const { return static_cast<U*>(ptr_.get()); }

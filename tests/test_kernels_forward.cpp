@@ -83,6 +83,25 @@ TYPED_TEST(CpuKernelsForward, NameSaysPrecision) {
   EXPECT_EQ(this->kernels->name(), expected);
 }
 
+TYPED_TEST(CpuKernelsForward, BuffersAreCountedUntilTheLastCopyGoes) {
+  using T = TypeParam;
+  auto& k = *this->kernels;
+  const int64_t base = k.memory_in_use();
+  k.reset_peak_memory();
+  {
+    Buffer<T> a(k, 100);
+    Buffer<int32_t> b(k, 10);
+    EXPECT_EQ(k.memory_in_use(), base + 100 * int64_t{sizeof(T)} + 40);
+    Buffer<T> shared = a;  // a copy of the handle holds the same memory
+    a = Buffer<T>();
+    EXPECT_EQ(k.memory_in_use(), base + 100 * int64_t{sizeof(T)} + 40);
+  }
+  EXPECT_EQ(k.memory_in_use(), base);
+  EXPECT_EQ(k.peak_memory(), base + 100 * int64_t{sizeof(T)} + 40);
+  k.reset_peak_memory();
+  EXPECT_EQ(k.peak_memory(), base);
+}
+
 TYPED_TEST(CpuKernelsForward, MemoryIsAlignedZeroedAndCopies) {
   using T = TypeParam;
   auto& k = *this->kernels;

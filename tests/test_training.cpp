@@ -116,6 +116,41 @@ TEST_F(TrainingTest, ResumingIsBitwiseIdenticalToAStraightRun) {
   for (const std::string& n : names) EXPECT_EQ(ra.read_tensor(n), rb.read_tensor(n)) << n;
 }
 
+TEST_F(TrainingTest, RecomputeGivesTheSameRunInLessPeakMemory) {
+  // Each step reports the backend's memory; recomputation keeps one layer's activations instead
+  // of all of them, so its peak is lower, and its losses are those of the plain run.
+  const auto run = [&](const std::string& name, bool recompute) {
+    CpuKernels<float> k;
+    TrainingRun<float>(config({"logging.run_dir=" + (dir_ / name).string(),
+                               std::string("recompute=") + (recompute ? "true" : "false"),
+                               "data.seq_len=200", "checkpoint.every=0"}),
+                       k)
+        .run(3);
+    std::vector<nlohmann::json> lines;
+    std::ifstream in(dir_ / name / "metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) {
+      const nlohmann::json j = nlohmann::json::parse(line);
+      if (j.contains("loss")) lines.push_back(j);
+    }
+    return lines;
+  };
+  const std::vector<nlohmann::json> plain = run("plain", false), replayed = run("recompute", true);
+  ASSERT_EQ(plain.size(), 3u);
+  ASSERT_EQ(replayed.size(), 3u);
+  for (size_t s = 0; s < plain.size(); ++s) {
+    EXPECT_NEAR(plain[s]["loss"].get<double>(), replayed[s]["loss"].get<double>(),
+                1e-6 * plain[s]["loss"].get<double>());
+    const int64_t memory = plain[s]["memory_bytes"], peak = plain[s]["peak_memory_bytes"];
+    EXPECT_GT(memory, 0);
+    EXPECT_GE(peak, memory);
+    EXPECT_LT(replayed[s]["peak_memory_bytes"].get<int64_t>(), peak) << "step " << s + 1;
+  }
+  std::printf("peak memory per step: %lld bytes plain, %lld with recomputation\n",
+              static_cast<long long>(plain.back()["peak_memory_bytes"].get<int64_t>()),
+              static_cast<long long>(replayed.back()["peak_memory_bytes"].get<int64_t>()));
+}
+
 TEST_F(TrainingTest, LossFalls) {
   CpuKernels<float> k;
   const TrainSummary s =

@@ -9,6 +9,16 @@
 
 namespace freqkv {
 
+std::string format_bytes(int64_t bytes) {
+  char buf[32];
+  const double b = static_cast<double>(bytes);
+  if (b >= 1024.0 * 1024 * 1024) std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+  else if (b >= 1024.0 * 1024) std::snprintf(buf, sizeof buf, "%.1f MiB", b / (1024.0 * 1024));
+  else if (b >= 1024.0) std::snprintf(buf, sizeof buf, "%.1f KiB", b / 1024.0);
+  else std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(bytes));
+  return buf;
+}
+
 std::string format_duration(double seconds) {
   const int64_t s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
   char buf[32];
@@ -31,18 +41,28 @@ MetricsLog::MetricsLog(const std::string& metrics_path) : path_(metrics_path) {
 void MetricsLog::log_step(const StepMetrics& m, int64_t steps_done_here) {
   const double per_step = steps_done_here > 0 ? m.elapsed_seconds / steps_done_here : 0.0;
   const double eta = per_step * static_cast<double>(m.total_steps - m.step);
-  std::printf("step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s | elapsed %s | "
+  std::string memory;
+  if (m.peak_memory_bytes >= 0) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " | mem %s peak %s", format_bytes(m.memory_bytes).c_str(),
+                  format_bytes(m.peak_memory_bytes).c_str());
+    memory = buf;
+  }
+  std::printf("step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.4f | %.0f tok/s%s | elapsed %s | "
               "eta %s\n",
               static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr,
-              m.grad_norm, m.tokens_per_second, format_duration(m.elapsed_seconds).c_str(),
-              format_duration(eta).c_str());
+              m.grad_norm, m.tokens_per_second, memory.c_str(),
+              format_duration(m.elapsed_seconds).c_str(), format_duration(eta).c_str());
   std::fflush(stdout);
-  out_ << nlohmann::json{{"step", m.step},           {"loss", m.loss},
-                         {"lr", m.lr},               {"grad_norm", m.grad_norm},
-                         {"tokens", m.tokens},       {"tokens_per_second", m.tokens_per_second},
-                         {"elapsed", m.elapsed_seconds}}
-              .dump()
-       << "\n";
+  nlohmann::json line{{"step", m.step},           {"loss", m.loss},
+                      {"lr", m.lr},               {"grad_norm", m.grad_norm},
+                      {"tokens", m.tokens},       {"tokens_per_second", m.tokens_per_second},
+                      {"elapsed", m.elapsed_seconds}};
+  if (m.peak_memory_bytes >= 0) {
+    line["memory_bytes"] = m.memory_bytes;
+    line["peak_memory_bytes"] = m.peak_memory_bytes;
+  }
+  out_ << line.dump() << "\n";
   out_.flush();
 }
 

@@ -15,6 +15,9 @@ struct StepMetrics {
   double tokens_per_second = 0;
   double elapsed_seconds = 0;  // since the start of this process's training
   int64_t tokens = 0;          // tokens trained on in this step
+  // Backend memory (Kernels::memory_in_use) after the step and at its peak during the step, the
+  // most over the ranks; < 0: not reported.
+  int64_t memory_bytes = -1, peak_memory_bytes = -1;
 };
 
 class MetricsLog {
@@ -33,5 +36,6 @@ class MetricsLog {
 };
 
 std::string format_duration(double seconds);  // "1:02:03" or "2:03"
+std::string format_bytes(int64_t bytes);      // "812 B", "3.5 KiB", "12.0 MiB", "1.25 GiB"
 
 }  // namespace freqkv

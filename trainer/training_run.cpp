@@ -214,6 +214,7 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
   int64_t tokens_since_log = 0;
 
   for (int64_t step = start_step_ + 1; step <= last; ++step) {
+    kernels_.reset_peak_memory();
     model_->zero_grads();
     const double grad_scale = 1.0 / static_cast<double>(d.grad_accum * d.batch_size * T_len);
     LossSum local;
@@ -260,22 +261,30 @@ TrainSummary TrainingRun<T>::run(int64_t stop_at) {
     summary.last_step = step;
     summary.last_loss = mean_loss;
 
-    if (is_main_rank() &&
-        (step % config_.logging.every == 0 || step == last || step == start_step_ + 1)) {
-      const auto now = std::chrono::steady_clock::now();
-      StepMetrics m;
-      m.step = step;
-      m.total_steps = steps;
-      m.loss = mean_loss;
-      m.lr = lr;
-      m.grad_norm = norm;
-      m.tokens = loss.count;
-      m.elapsed_seconds = std::chrono::duration<double>(now - start).count();
-      m.tokens_per_second = static_cast<double>(tokens_since_log) /
-                            std::max(1e-9, std::chrono::duration<double>(now - last_log).count());
-      metrics_->log_step(m, step - start_step_);
-      last_log = now;
-      tokens_since_log = 0;
+    if (step % config_.logging.every == 0 || step == last || step == start_step_ + 1) {
+      // The busiest rank's memory (every rank takes part in the two scalar reductions).
+      const double memory = world_->all_reduce_scalar(
+          static_cast<double>(kernels_.memory_in_use()), ReduceOp::kMax);
+      const double peak = world_->all_reduce_scalar(static_cast<double>(kernels_.peak_memory()),
+                                                    ReduceOp::kMax);
+      if (is_main_rank()) {
+        const auto now = std::chrono::steady_clock::now();
+        StepMetrics m;
+        m.step = step;
+        m.total_steps = steps;
+        m.loss = mean_loss;
+        m.lr = lr;
+        m.grad_norm = norm;
+        m.tokens = loss.count;
+        m.elapsed_seconds = std::chrono::duration<double>(now - start).count();
+        m.tokens_per_second = static_cast<double>(tokens_since_log) /
+                              std::max(1e-9, std::chrono::duration<double>(now - last_log).count());
+        m.memory_bytes = static_cast<int64_t>(memory);
+        m.peak_memory_bytes = static_cast<int64_t>(peak);
+        metrics_->log_step(m, step - start_step_);
+        last_log = now;
+        tokens_since_log = 0;
+      }
     }
     if (validation_ && (step % d.validation.every == 0 || step == steps)) {
       int64_t tokens = 0;
