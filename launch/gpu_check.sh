@@ -62,6 +62,15 @@ if [ "${1:-}" = "--prepare" ]; then
   out="$root/build-gpu"
   rm -rf "$out" && mkdir -p "$out/tests"
   cp "$build/CTestTestfile.cmake" "$out/"
+  # bench/attention_bench (flash vs CUDA-core attention kernels), run by the bench stage, when
+  # that target was built.
+  if [ -x "$build/bench/attention_bench" ]; then
+    binaries+=(bench/attention_bench)
+    mkdir -p "$out/bench"
+  else
+    echo "gpu_check: no bench/attention_bench (build that target): the bench stage will not" \
+         "time the attention kernels" >&2
+  fi
   # tests/CTestTestfile.cmake includes every test executable's *_include.cmake (tiny): without
   # their *_tests.cmake, the binaries left behind register as *_NOT_BUILT tests, unlabelled.
   cp "$build/tests/CTestTestfile.cmake" "$build"/tests/*_include.cmake "$out/tests/"
@@ -160,6 +169,7 @@ binaries=()
 for binary in tests/test_cuda_kernels tests/test_cuda_model tests/test_nccl_comm freqkv; do
   [ -x "$build/$binary" ] && binaries+=("$build/$binary")
 done
+[ -x "$build/bench/attention_bench" ] && binaries+=("$build/bench/attention_bench")
 fallback="$(mktemp -d /tmp/gpu-check-libs.XXXXXX)"
 export LD_LIBRARY_PATH="$fallback${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 missing_sonames() {
@@ -214,6 +224,14 @@ if wanted bench; then
   # cut off by the limit still leaves the rows before it.
   run_stage bench 270 60 bash -o pipefail -c "'$build/freqkv' bench --shape tinyllama-1.1b --device cuda \
       --lengths 8192,32768 --compare-full --warmup 1 --steps 1 | tee '$logs/bench-tinyllama.md'"
+  # The attention kernels alone, flash (tensor cores) against simple (CUDA cores), one layer of
+  # FreqKV chunks per shape: the table in attention-bench.md.
+  if [ -x "$build/bench/attention_bench" ]; then
+    run_stage attention-bench 90 20 bash -o pipefail -c "'$build/bench/attention_bench' --reps 3 \
+        | tee '$logs/attention-bench.md'"
+  else
+    echo "==== attention-bench: not run (no bench/attention_bench carried: build that target)"
+  fi
 fi
 
 if wanted nccl; then

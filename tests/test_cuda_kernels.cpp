@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -671,6 +672,300 @@ TEST_F(CudaKernelsTest, AttentionRejectsWhatTheCpuBackendRejects) {
                                         kv.data() + 64, 128, {{0, 10, 0, 20}, {10, 10, 0, 20}}, s),
                std::invalid_argument);
   gpu_->synchronize();
+}
+
+// ---- flash attention (kernels/cuda/flash_attention.cu) ------------------------------------------
+// The tensor-core kernels serve head_dim 64 and 128 by default (the CudaAttentionTest cases above
+// with those sizes run them on unaligned strides, element-wise staging); here on 16-byte aligned
+// strides (vectorised staging) and a larger FreqKV block set whose blocks span several 64-row
+// tiles, partial last tiles, GQA groups of 1, 4 and 8, against the CPU and against the CUDA-core
+// kernels. Tolerance, flash-attention's rule: the error against the fp32 CPU may be at most 3x
+// that of a CPU computation with the kernel's bf16 roundings (P and dS rounded to bf16 before
+// their products, outputs rounded to bf16), or 3x the rounding of the reference, whichever is
+// larger.
+
+// Sequence 0: chunk 0 (200 queries, plain causal) and a FreqKV chunk (4 sink + 60 memory + 130
+// chunk keys); a block whose keys have no queries; sequence 1's chunk (4 + 60 + 97); kv rows
+// 585..589 outside every block.
+std::vector<AttnBlock> flash_blocks() {
+  return {{0, 200, 0, 200}, {200, 130, 200, 194}, {330, 0, 394, 30}, {330, 97, 424, 161}};
+}
+constexpr int64_t kFlashQueryRows = 427;
+constexpr int64_t kFlashKvRows = 590;
+
+// Attention on the host in float with the flash kernels' bf16 roundings (P to bf16 before P V;
+// P and dS to bf16 before dV, dQ and dK; every output to bf16): the baseline of the tolerance.
+struct Bf16Attention {
+  std::vector<float> out, dq, dk, dv;  // out/dq: rows x Hq*D; dk/dv: rows x Hkv*D (dense)
+};
+Bf16Attention bf16_rounded_attention(const std::vector<float>& q, int64_t ld_q,
+                                     const std::vector<float>& kv, int64_t ld_kv,
+                                     const std::vector<float>& dout, int64_t ld_dout,
+                                     const std::vector<AttnBlock>& blocks, const AttnShape& s,
+                                     int64_t q_rows, int64_t kv_rows) {
+  const int D = s.head_dim, Hq = s.n_heads, Hkv = s.n_kv_heads, group = Hq / Hkv;
+  const int64_t kv_width = static_cast<int64_t>(Hkv) * D;
+  const float scale = static_cast<float>(s.scale);
+  Bf16Attention r;
+  r.out.assign(static_cast<size_t>(q_rows * Hq * D), 0.0f);
+  r.dq.assign(r.out.size(), 0.0f);
+  std::vector<float> dk(static_cast<size_t>(kv_rows * kv_width), 0.0f), dv(dk.size(), 0.0f);
+  auto dot = [&](const float* a, const float* b) {
+    float sum = 0.0f;
+    for (int d = 0; d < D; ++d) sum += a[d] * b[d];
+    return sum;
+  };
+  for (const AttnBlock& b : blocks) {
+    for (int h = 0; h < Hq; ++h) {
+      const int64_t kc = static_cast<int64_t>(h / group) * D;
+      for (int64_t i = 0; i < b.n_q; ++i) {
+        const int64_t row = b.q_start + i;
+        const float* qi = q.data() + row * ld_q + int64_t{h} * D;
+        const float* doi = dout.data() + row * ld_dout + int64_t{h} * D;
+        const int64_t n_visible = i + b.n_kv - b.n_q + 1;
+        std::vector<float> score(static_cast<size_t>(n_visible));
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n_visible; ++j) {
+          score[static_cast<size_t>(j)] = scale * dot(qi, kv.data() + (b.kv_start + j) * ld_kv + kc);
+          mx = std::max(mx, score[static_cast<size_t>(j)]);
+        }
+        float sum = 0.0f;
+        for (float& x : score) sum += (x = std::exp(x - mx));
+        std::vector<float> o(static_cast<size_t>(D), 0.0f);
+        for (int64_t j = 0; j < n_visible; ++j) {
+          const float p = round_bf16(score[static_cast<size_t>(j)]);
+          const float* vj = kv.data() + (b.kv_start + j) * ld_kv + kv_width + kc;
+          for (int d = 0; d < D; ++d) o[static_cast<size_t>(d)] += p * vj[d];
+        }
+        float delta = 0.0f;
+        for (int d = 0; d < D; ++d) {
+          const float od = round_bf16(o[static_cast<size_t>(d)] / sum);
+          r.out[static_cast<size_t>(row * Hq * D + int64_t{h} * D + d)] = od;
+          delta += doi[d] * od;
+        }
+        for (int64_t j = 0; j < n_visible; ++j) {
+          const float* kj = kv.data() + (b.kv_start + j) * ld_kv + kc;
+          const float* vj = kv.data() + (b.kv_start + j) * ld_kv + kv_width + kc;
+          const float p = score[static_cast<size_t>(j)] / sum;
+          const float ds = round_bf16(p * (dot(doi, vj) - delta));
+          const float pb = round_bf16(p);
+          float* dkj = dk.data() + (b.kv_start + j) * kv_width + kc;
+          float* dvj = dv.data() + (b.kv_start + j) * kv_width + kc;
+          for (int d = 0; d < D; ++d) {
+            r.dq[static_cast<size_t>(row * Hq * D + int64_t{h} * D + d)] += scale * ds * kj[d];
+            dkj[d] += scale * ds * qi[d];
+            dvj[d] += pb * doi[d];
+          }
+        }
+      }
+    }
+  }
+  r.dq = round_all_bf16(r.dq);
+  r.dk = round_all_bf16(dk);
+  r.dv = round_all_bf16(dv);
+  return r;
+}
+
+// max |got - reference| <= 3 max(max |bf16_emulated - reference|, max |bf16(reference) -
+// reference|) + 1e-6 max |reference|.
+void expect_flash_close(const std::vector<float>& got, const std::vector<float>& emulated,
+                        const std::vector<float>& reference, const std::string& what) {
+  ASSERT_EQ(got.size(), reference.size()) << what;
+  ASSERT_EQ(emulated.size(), reference.size()) << what;
+  double baseline = 0.0, largest = 0.0, worst = 0.0;
+  size_t worst_index = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double ref = reference[i];
+    baseline = std::max({baseline, std::abs(static_cast<double>(emulated[i]) - ref),
+                         std::abs(static_cast<double>(round_bf16(reference[i])) - ref)});
+    largest = std::max(largest, std::abs(ref));
+    const double error = std::isnan(got[i]) ? std::numeric_limits<double>::infinity()
+                                            : std::abs(static_cast<double>(got[i]) - ref);
+    if (error > worst) {
+      worst = error;
+      worst_index = i;
+    }
+  }
+  const double bound = kBf16ErrorFactor * baseline + 1e-6 * largest;
+  EXPECT_LE(worst, bound) << what << ": largest error " << worst << " at index " << worst_index
+                          << " (gpu " << got[worst_index] << ", fp32 reference "
+                          << reference[worst_index] << "); a bf16-rounding CPU computation errs "
+                          << "by up to " << baseline << ", allowed " << kBf16ErrorFactor << "x that";
+}
+
+// Columns [col0, col0 + width) of every row of a strided matrix, as a dense array.
+std::vector<float> columns(const std::vector<float>& m, int64_t ld, int64_t rows, int64_t col0,
+                           int64_t width) {
+  std::vector<float> dense;
+  dense.reserve(static_cast<size_t>(rows * width));
+  for (int64_t r = 0; r < rows; ++r) {
+    dense.insert(dense.end(), m.begin() + r * ld + col0, m.begin() + r * ld + col0 + width);
+  }
+  return dense;
+}
+
+class FlashAttentionTest : public CudaAttentionTest {
+ protected:
+  // out, lse, dq, dk, dv of one backend (gradients from random starting values) on the flash
+  // block set; the backward takes the CPU forward's out (rounded to bf16) and lse.
+  struct Results {
+    std::vector<float> out, lse, dq, dkv;
+  };
+  void SetUp() override {
+    CudaAttentionTest::SetUp();
+    if (IsSkipped()) return;
+    const AttnShape s = shape();
+    ld_q_ = q_width() + 8;  // 16-byte aligned rows: the vectorised staging
+    ld_out_ = q_width();
+    ld_kv_ = 2 * kv_width() + 8;
+    q_ = random_bf16_values(kFlashQueryRows * ld_q_, 60, -2.0f, 2.0f);
+    kv_ = random_bf16_values(kFlashKvRows * ld_kv_, 61, -2.0f, 2.0f);
+    dout_ = random_bf16_values(kFlashQueryRows * ld_out_, 62);
+    Buffer<float> cq = on_cpu(q_), ckv = on_cpu(kv_), cdout = on_cpu(dout_);
+    Buffer<float> cout(*cpu_, kFlashQueryRows * ld_out_), clse(*cpu_, kFlashQueryRows * s.n_heads);
+    cpu_->attention_forward(cout.data(), ld_out_, clse.data(), cq.data(), ld_q_, ckv.data(),
+                            ckv.data() + kv_width(), ld_kv_, flash_blocks(), s);
+    reference_.out = read(cout);
+    reference_.lse = read(clse);
+    out_bf16_ = round_all_bf16(reference_.out);
+    Buffer<float> cout_rounded = on_cpu(out_bf16_);
+    Buffer<float> cdq = on_cpu(dq0()), cdkv = on_cpu(dkv0());
+    cpu_->attention_backward(cdq.data(), cdkv.data(), cdkv.data() + kv_width(), cdout.data(),
+                             ld_out_, cout_rounded.data(), clse.data(), cq.data(), ld_q_,
+                             ckv.data(), ckv.data() + kv_width(), ld_kv_, flash_blocks(), s);
+    reference_.dq = read(cdq);
+    reference_.dkv = read(cdkv);
+  }
+  std::vector<float> dq0() const { return random_bf16_values(kFlashQueryRows * ld_q_, 63); }
+  std::vector<float> dkv0() const { return random_bf16_values(kFlashKvRows * ld_kv_, 64); }
+
+  Results run(Kernels<bf16>& gpu) {
+    const AttnShape s = shape();
+    // Buffers of `gpu` itself: its stream orders their uploads, the kernels and the downloads.
+    auto upload = [&](const std::vector<float>& values) {
+      Buffer<bf16> buffer(gpu, static_cast<int64_t>(values.size()));
+      gpu.upload(buffer.data(), values.data(), buffer.size());
+      return buffer;
+    };
+    auto download = [&](const Buffer<bf16>& buffer) {
+      std::vector<float> host(static_cast<size_t>(buffer.size()));
+      gpu.download(host.data(), buffer.data(), buffer.size());
+      return host;
+    };
+    Results r;
+    Buffer<bf16> gq = upload(q_), gkv = upload(kv_), gdout = upload(dout_);
+    Buffer<bf16> gout = upload(std::vector<float>(static_cast<size_t>(kFlashQueryRows * ld_out_)));
+    Buffer<float> glse(gpu, kFlashQueryRows * s.n_heads);
+    gpu.attention_forward(gout.data(), ld_out_, glse.data(), gq.data(), ld_q_, gkv.data(),
+                          gkv.data() + kv_width(), ld_kv_, flash_blocks(), s);
+    r.out = download(gout);
+    r.lse.resize(static_cast<size_t>(glse.size()));
+    gpu.copy_to_host(r.lse.data(), glse.data(), r.lse.size() * sizeof(float));
+    Buffer<bf16> gout_ref = upload(out_bf16_);
+    Buffer<float> glse_ref = freqkv::upload_array(gpu, reference_.lse);
+    Buffer<bf16> gdq = upload(dq0()), gdkv = upload(dkv0());
+    gpu.attention_backward(gdq.data(), gdkv.data(), gdkv.data() + kv_width(), gdout.data(),
+                           ld_out_, gout_ref.data(), glse_ref.data(), gq.data(), ld_q_, gkv.data(),
+                           gkv.data() + kv_width(), ld_kv_, flash_blocks(), s);
+    r.dq = download(gdq);
+    r.dkv = download(gdkv);
+    gpu.synchronize();
+    return r;
+  }
+
+  // Every output of `got` within the flash tolerance of the CPU; rows outside every block keep
+  // their starting values exactly.
+  void expect_matches_cpu(const Results& got, const std::string& label) {
+    const AttnShape s = shape();
+    const Bf16Attention emulated =
+        bf16_rounded_attention(q_, ld_q_, kv_, ld_kv_, dout_, ld_out_, flash_blocks(), s,
+                               kFlashQueryRows, kFlashKvRows);
+    const int64_t qw = q_width(), kw = kv_width();
+    expect_flash_close(columns(got.out, ld_out_, kFlashQueryRows, 0, qw), emulated.out,
+                       columns(reference_.out, ld_out_, kFlashQueryRows, 0, qw), label + " out");
+    expect_close(got.lse, reference_.lse, 2e-5, label + " lse");
+    expect_flash_close(columns(got.dq, ld_q_, kFlashQueryRows, 0, qw), emulated.dq,
+                       columns(reference_.dq, ld_q_, kFlashQueryRows, 0, qw), label + " dq");
+    // dk and dv separately (their magnitudes differ), on the rows inside blocks.
+    const int64_t block_kv_rows = 585;
+    expect_flash_close(columns(got.dkv, ld_kv_, block_kv_rows, 0, kw),
+                       std::vector<float>(emulated.dk.begin(), emulated.dk.begin() + block_kv_rows * kw),
+                       columns(reference_.dkv, ld_kv_, block_kv_rows, 0, kw), label + " dk");
+    expect_flash_close(columns(got.dkv, ld_kv_, block_kv_rows, kw, kw),
+                       std::vector<float>(emulated.dv.begin(), emulated.dv.begin() + block_kv_rows * kw),
+                       columns(reference_.dkv, ld_kv_, block_kv_rows, kw, kw), label + " dv");
+    // Padding columns and the rows outside every block: untouched.
+    const std::vector<float> dkv_start = dkv0();
+    for (int64_t r = 0; r < kFlashKvRows; ++r) {
+      for (int64_t c = 0; c < ld_kv_; ++c) {
+        if (r < block_kv_rows && c < 2 * kw) continue;
+        ASSERT_EQ(got.dkv[static_cast<size_t>(r * ld_kv_ + c)],
+                  dkv_start[static_cast<size_t>(r * ld_kv_ + c)])
+            << label << " dk/dv row " << r << " column " << c << " was written";
+      }
+    }
+    const std::vector<float> dq_start = dq0();
+    for (int64_t r = 0; r < kFlashQueryRows; ++r) {
+      for (int64_t c = qw; c < ld_q_; ++c) {
+        ASSERT_EQ(got.dq[static_cast<size_t>(r * ld_q_ + c)],
+                  dq_start[static_cast<size_t>(r * ld_q_ + c)])
+            << label << " dq padding row " << r << " column " << c << " was written";
+      }
+    }
+  }
+
+  int64_t ld_q_ = 0, ld_out_ = 0, ld_kv_ = 0;
+  std::vector<float> q_, kv_, dout_, out_bf16_;
+  Results reference_;
+};
+
+TEST_P(FlashAttentionTest, ForwardAndBackwardMatchCpuAndAreDeterministic) {
+  const Results first = run(*gpu_);
+  expect_matches_cpu(first, "flash");
+  const Results second = run(*gpu_);
+  expect_identical(second.out, first.out, "flash out, second run");
+  expect_identical(second.lse, first.lse, "flash lse, second run");
+  expect_identical(second.dq, first.dq, "flash dq, second run");
+  expect_identical(second.dkv, first.dkv, "flash dk/dv, second run");
+}
+
+TEST_P(FlashAttentionTest, AgreesWithTheCudaCoreKernels) {
+  const Results flash = run(*gpu_);
+  auto simple_backend = freqkv::make_cuda_kernels(0);
+  freqkv::set_cuda_flash_attention(*simple_backend, false);
+  const Results simple = run(*simple_backend);
+  expect_matches_cpu(simple, "simple");
+  // Both within the tolerance of the CPU: within twice of each other; here directly, with the
+  // CPU's bf16 rounding as the unit.
+  const int64_t qw = q_width();
+  const std::vector<float> ref_out = columns(reference_.out, ld_out_, kFlashQueryRows, 0, qw);
+  const std::vector<float> flash_out = columns(flash.out, ld_out_, kFlashQueryRows, 0, qw);
+  const std::vector<float> simple_out = columns(simple.out, ld_out_, kFlashQueryRows, 0, qw);
+  double unit = 0.0, worst = 0.0;
+  for (size_t i = 0; i < ref_out.size(); ++i) {
+    unit = std::max(unit, std::abs(static_cast<double>(round_bf16(ref_out[i])) - ref_out[i]));
+    worst = std::max(worst, std::abs(static_cast<double>(flash_out[i]) - simple_out[i]));
+  }
+  EXPECT_LE(worst, 2 * kBf16ErrorFactor * unit) << "flash vs simple out";
+}
+
+INSTANTIATE_TEST_SUITE_P(FlashHeadShapes, FlashAttentionTest,
+                         ::testing::Values(AttentionCase{8, 2, 64}, AttentionCase{4, 4, 64},
+                                           AttentionCase{8, 1, 128}, AttentionCase{4, 2, 128}),
+                         attention_case_name);
+
+TEST_F(CudaKernelsTest, FlashAttentionSelectionByEnvironment) {
+  const char* saved = std::getenv("FREQKV_ATTENTION");
+  const std::string saved_value = saved != nullptr ? saved : "";
+  ::setenv("FREQKV_ATTENTION", "fastest", 1);
+  EXPECT_THROW(freqkv::make_cuda_kernels(0), std::invalid_argument);
+  ::setenv("FREQKV_ATTENTION", "simple", 1);
+  EXPECT_NO_THROW(freqkv::make_cuda_kernels(0));
+  if (saved != nullptr) {
+    ::setenv("FREQKV_ATTENTION", saved_value.c_str(), 1);
+  } else {
+    ::unsetenv("FREQKV_ATTENTION");
+  }
 }
 
 // ---- cross-entropy ------------------------------------------------------------------------------

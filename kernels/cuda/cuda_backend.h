@@ -39,6 +39,13 @@ CUstream_st* cuda_kernels_stream(Kernels<bf16>& kernels);
 // The CUDA device the backend runs on.
 int cuda_kernels_device(Kernels<bf16>& kernels);
 
+// Which attention kernels the backend runs: the tensor-core flash kernels for head_dim 64 and 128
+// (kernels/cuda/flash_attention.cu; other head sizes always take the CUDA-core kernels of
+// kernels/cuda/attention.cu), or the CUDA-core kernels for every head size. The default comes
+// from the environment when the backend is made: FREQKV_ATTENTION=flash (or unset) or simple
+// (make_cuda_kernels throws std::invalid_argument for anything else).
+void set_cuda_flash_attention(Kernels<bf16>& kernels, bool enabled);
+
 // Device memory, for reports (freqkv bench).
 struct CudaMemoryStats {
   // What this backend holds through allocate_bytes and its caches (compression matrices, RoPE

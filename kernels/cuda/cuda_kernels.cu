@@ -247,6 +247,7 @@ class CudaKernels final : public Kernels<bf16> {
   // For cuda_backend.h's functions beside the Kernels interface.
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
+  void set_flash_attention(bool enabled) { flash_attention_ = enabled; }
   CudaMemoryStats memory_stats();
   void reset_peak_memory();
 
@@ -941,6 +942,10 @@ CUstream_st* cuda_kernels_stream(Kernels<bf16>& kernels) {
 
 int cuda_kernels_device(Kernels<bf16>& kernels) {
   return as_cuda_kernels(kernels, "cuda_kernels_device").device();
+}
+
+void set_cuda_flash_attention(Kernels<bf16>& kernels, bool enabled) {
+  as_cuda_kernels(kernels, "set_cuda_flash_attention").set_flash_attention(enabled);
 }
 
 CudaMemoryStats cuda_memory_stats(Kernels<bf16>& kernels) {

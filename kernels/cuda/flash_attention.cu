@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(kThreads)
     if (warp_row_end - kWarpRows >= tile.n_q || !flash::any_visible(warp_row_end, j0, offset))
       continue;
 
-#pragma unroll
+#pragma unroll 1
     for (int nt = 0; nt < kStep / 16; ++nt) {
       FragC s_frag, dp_frag;
       wmma::fill_fragment(s_frag, 0.0f);
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(kThreads)
       ds_warp[my_row * G::kLdp + col] = __float2bfloat16_rn(ds);
     }
     __syncwarp();
-#pragma unroll
+#pragma unroll 1
     for (int kk = 0; kk < kStep / 16; ++kk) {
       FragA ds_frag;
       wmma::load_matrix_sync(ds_frag, ds_warp + kk * 16, G::kLdp);
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kThreads)
       // Queries [i0, i0 + kStep) against this warp's keys: skipped when none sees the first key.
       if (warp_key0 >= tile.n_kv || !flash::any_visible(i0 + kStep, warp_key0, offset)) continue;
 
-#pragma unroll
+#pragma unroll 1
       for (int nt = 0; nt < kStep / 16; ++nt) {
         FragC s_frag, dp_frag;
         wmma::fill_fragment(s_frag, 0.0f);
@@ -538,7 +538,7 @@ __global__ void __launch_bounds__(kThreads)
         ds_warp[my_row * G::kLdp + col] = __float2bfloat16_rn(ds);
       }
       __syncwarp();
-#pragma unroll
+#pragma unroll 1
       for (int kk = 0; kk < kStep / 16; ++kk) {
         FragA p_frag, ds_frag;
         wmma::load_matrix_sync(p_frag, p_warp + kk * 16, G::kLdp);
