@@ -213,6 +213,7 @@ struct BenchOptions {
   std::vector<int64_t> lengths;
   FreqKVConfig freqkv;
   bool compare_full = false;
+  bool recompute = false;  // activation recomputation (LlamaModel::set_recompute)
   int64_t batch = 1, warmup = 1, steps = 3;
   uint64_t seed = 1;
   std::optional<double> peak_tflops;
@@ -264,6 +265,7 @@ CaseResult run_case(const BenchOptions& o, Kernels<T>& kernels, MemoryProbe& mem
     kernels.synchronize();
     memory.reset();
     LlamaModel<T> model(o.config, attention, kernels);
+    model.set_recompute(o.recompute);
     fill_random_weights(model, kernels, o.seed);
     std::mt19937_64 rng(o.seed + 1);
     std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(o.config.vocab_size - 1));
@@ -376,7 +378,9 @@ int run_bench(const BenchOptions& o, Kernels<T>& kernels, MemoryProbe& memory) {
               static_cast<long long>(o.freqkv.cache), static_cast<long long>(o.freqkv.sink),
               o.freqkv.ratio, static_cast<long long>(o.freqkv.compressed()),
               static_cast<long long>(o.freqkv.step()));
-  std::printf("freqkv bench: MFU against %s; memory: %s\n\n",
+  std::printf("freqkv bench: activation recomputation %s; MFU against %s (model FLOPs: a "
+              "recomputed forward is not counted); memory: %s\n\n",
+              o.recompute ? "on" : "off",
               o.peak_tflops ? format("%.0f TFLOP/s", *o.peak_tflops).c_str()
                             : "no peak (give --peak-tflops)",
               memory.label().c_str());
@@ -456,6 +460,7 @@ int run_bench(const std::vector<std::string>& args) {
   p.option("sink", "S", "FreqKV sink tokens", "4");
   p.option("ratio", "R", "FreqKV retained-frequency ratio", "0.5");
   p.flag("compare-full", "also time full causal attention at every length");
+  p.flag("recompute", "activation recomputation per layer (the config's recompute: true)");
   p.option("warmup", "N", "untimed steps before timing", "1");
   p.option("steps", "N", "timed steps", "3");
   p.option("peak-tflops", "X", "the device's peak for MFU (default 989, H100 dense bf16, on cuda; "
@@ -492,6 +497,7 @@ int run_bench(const std::vector<std::string>& args) {
   o.freqkv.ratio = p.get_double("ratio");
   o.freqkv.validate();
   o.compare_full = p.flag_set("compare-full");
+  o.recompute = p.flag_set("recompute");
   o.batch = p.get_int("batch");
   o.warmup = p.get_int("warmup");
   o.steps = p.get_int("steps");
