@@ -179,6 +179,8 @@ class Kernels {
 
   // ---- FreqKV compression ------------------------------------------------------------------------
   // out[L, C] = P_{N->L} in[N, C], P = sqrt(L/N) D_L^T D_N[0:L, :] (see kernels/freqkv_matrix.h).
+  // The CPU backend multiplies by P; the CUDA backend also has cuFFT DCTs, O(N log N) per channel
+  // (kernels/compression_impl.h chooses, kernels/dct_fft_math.h holds their math).
   virtual void freqkv_compress(T* out, int64_t ld_out, const T* in, int64_t ld_in, int64_t n_in,
                                int64_t n_out, int64_t channels) = 0;
   // din[N, C] += P^T dout[L, C]   (the adjoint of freqkv_compress)

@@ -5,11 +5,13 @@
 # 1. Here (the CPU machine: nvcc present, no GPU), from the repository root, build for sm_90 (the
 #    project's default architecture) into an ignored build folder (/build*/ is in .gitignore):
 #        cmake -S . -B build-cuda -DCMAKE_CUDA_ARCHITECTURES=90
-#        cmake --build build-cuda -j2 --target test_cuda_kernels test_cuda_model test_nccl_comm freqkv
+#        cmake --build build-cuda -j2 --target test_cuda_kernels test_cuda_model test_nccl_comm freqkv \
+#            compress_crossover
 #        bash launch/gpu_check.sh --prepare build-cuda
 #    --prepare writes build-gpu/: what the device needs -- the ctest files, the test binaries, the
-#    freqkv binary (for `freqkv bench`), and libs.tar.gz, the shared libraries they link that are
-#    neither glibc nor CUDA/NCCL (OpenBLAS, MPI, HDF5, libstdc++, ...), compressed: about 30 MB.
+#    freqkv binary (for `freqkv bench`), bench/compress_crossover when built, and libs.tar.gz, the
+#    shared libraries they link that are neither glibc nor CUDA/NCCL (OpenBLAS, MPI, HDF5,
+#    libstdc++, ...), compressed: about 30 MB.
 #    test_nccl_comm exists when NCCL was found. Optionally also run
 #    `bash ../shared/device/devdeps.sh` to get .devdeps/ (its devenv.sh sets up the machine's CUDA
 #    library paths and a matching Open MPI for the 2-rank NCCL test).
@@ -21,9 +23,11 @@
 #    kernels against the CPU, the whole model and 20 training steps against the CPU; 180 s),
 #    bench (freqkv bench --shape tinyllama-1.1b --device cuda --lengths 8192,32768 --compare-full;
 #    270 s), nccl (test_nccl_comm under mpirun -np 2, two ranks sharing the GPU through distinct
-#    NCCL_HOSTIDs; 90 s), sanitizers (compute-sanitizer memcheck and racecheck of the kernel
-#    tests; what time is left). A stage the budget cannot fit is reported as skipped. Name stages
-#    after the folder to run only those: bash launch/gpu_check.sh build-gpu sanitizers
+#    NCCL_HOSTIDs; 90 s), crossover (bench/compress_crossover: FreqKV compression as a GEMM vs
+#    cuFFT DCTs by length, the table in compress-crossover.md; 90 s), sanitizers
+#    (compute-sanitizer memcheck and racecheck of the kernel tests; what time is left). A stage
+#    the budget cannot fit is reported as skipped. Name stages after the folder to run only
+#    those: bash launch/gpu_check.sh build-gpu sanitizers
 #    Everything that travels (working tree + carry) must stay under 64 MiB.
 #
 # On the device it sources .devdeps/devenv.sh when present, prints nvidia-smi, makes the absolute
@@ -31,12 +35,13 @@
 # folder to the carried one when the repository sits elsewhere there), unpacks the carried
 # libraries and links those the machine lacks into a fallback folder on LD_LIBRARY_PATH (never
 # shadowing the machine's own), looks for the CUDA libraries the loader does not know (libnccl in
-# the CUDA toolkit or a Python venv's nvidia/*/lib), then runs the stages. Logs and the bench table
-# (bench-tinyllama.md) go to $OUT (or ./gpu-check-logs). Exit status: 0 when every stage ran and
-# passed, 1 when one failed, 3 when all that ran passed but the budget skipped some.
+# the CUDA toolkit or a Python venv's nvidia/*/lib), then runs the stages. Logs and the bench tables
+# (bench-tinyllama.md, compress-crossover.md) go to $OUT (or ./gpu-check-logs). Exit status: 0 when
+# every stage ran and passed, 1 when one failed, 3 when all that ran passed but the budget skipped
+# some.
 set -uo pipefail
 
-usage() { sed -n '2,36p' "$0"; }
+usage() { sed -n '2,41p' "$0"; }
 
 # ---- --prepare BUILD_DIR: here, on the CPU machine -----------------------------------------------
 if [ "${1:-}" = "--prepare" ]; then
@@ -58,9 +63,15 @@ if [ "${1:-}" = "--prepare" ]; then
     echo "gpu_check: no tests/test_nccl_comm (NCCL not found at build time?): the nccl stage" \
          "will be skipped on the device" >&2
   fi
+  if [ -x "$build/bench/compress_crossover" ]; then
+    binaries+=(bench/compress_crossover)
+  else
+    echo "gpu_check: no bench/compress_crossover (build that target): the crossover stage" \
+         "will be skipped on the device" >&2
+  fi
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   out="$root/build-gpu"
-  rm -rf "$out" && mkdir -p "$out/tests"
+  rm -rf "$out" && mkdir -p "$out/tests" "$out/bench"
   cp "$build/CTestTestfile.cmake" "$out/"
   # bench/attention_bench (flash vs CUDA-core attention kernels), run by the bench stage, when
   # that target was built.
@@ -89,6 +100,7 @@ if [ "${1:-}" = "--prepare" ]; then
     case "$soname" in
       libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*|ld-linux*|linux-vdso*) continue ;;
       libcuda.so.*|libcudart.so.*|libcublas.so.*|libcublasLt.so.*|libnccl.so.*) continue ;;
+      libcufft.so.*) continue ;;  # hundreds of MB: the device's CUDA has it
     esac
     cp -L "$path" "$staging/libs/$soname"
   done
@@ -108,7 +120,7 @@ build_arg="$1"
 build="$(cd "$build_arg" && pwd)" || { echo "gpu_check: no build folder $build_arg (was it carried?)" >&2; exit 2; }
 shift
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests bench nccl sanitizers)
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench nccl crossover sanitizers)
 logs="${OUT:-$PWD/gpu-check-logs}"
 mkdir -p "$logs"
 started=$SECONDS
@@ -166,7 +178,8 @@ if [ -n "$original" ] && [ "$original" != "$build" ]; then
 fi
 
 binaries=()
-for binary in tests/test_cuda_kernels tests/test_cuda_model tests/test_nccl_comm freqkv; do
+for binary in tests/test_cuda_kernels tests/test_cuda_model tests/test_nccl_comm freqkv \
+              bench/compress_crossover; do
   [ -x "$build/$binary" ] && binaries+=("$build/$binary")
 done
 [ -x "$build/bench/attention_bench" ] && binaries+=("$build/bench/attention_bench")
@@ -246,16 +259,26 @@ if wanted nccl; then
   fi
 fi
 
+if wanted crossover; then
+  if [ -x "$build/bench/compress_crossover" ]; then
+    # A few seconds per channel count; rows are printed as they are measured.
+    run_stage crossover 90 30 bash -o pipefail -c "'$build/bench/compress_crossover' \
+        | tee '$logs/compress-crossover.md'"
+  else
+    echo "==== crossover: not run (no bench/compress_crossover carried: build that target)"
+  fi
+fi
+
 if wanted sanitizers; then
   test_binary="$build/tests/test_cuda_kernels"
   sanitizer="$(command -v compute-sanitizer || true)"
   [ -z "$sanitizer" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && sanitizer=/usr/local/cuda/bin/compute-sanitizer
   if [ -n "$sanitizer" ]; then
     # All but the tests whose sizes make memcheck slow (4M-value transfers, 1M-value vectors,
-    # cuBLAS GEMMs, a 128k vocabulary).
+    # cuBLAS GEMMs, a 128k vocabulary, FreqKV-size compressions).
     run_stage memcheck 300 120 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 99 \
       "$test_binary" \
-      --gtest_filter='-*UploadAndDownload*:*VectorOperations*:*GemmEvery*:*CrossEntropyLosses*'
+      --gtest_filter='-*UploadAndDownload*:*VectorOperations*:*GemmEvery*:*CrossEntropyLosses*:*CompressionTest*N2048*:*CompressionTest*N4092*'
     run_stage racecheck 150 60 "$sanitizer" --tool racecheck --error-exitcode 99 "$test_binary" \
       --gtest_filter='*CudaAttentionTest*D64:*CudaAttentionTest*D128'
   else

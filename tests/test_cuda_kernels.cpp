@@ -1095,6 +1095,186 @@ TEST_F(CudaKernelsTest, FreqKVCompressAndItsAdjoint) {
                std::invalid_argument);
 }
 
+// The cuFFT path (kernels/cuda/freqkv_fft.cu) against the CPU's matrix P in fp32 and against the
+// GEMM path, forward and backward, with the implementation forced each way
+// (set_cuda_compression_impl).
+
+struct CompressionCase {
+  int64_t n_in, n_out, channels;
+  int64_t ld_padding;  // ld_in = channels + ld_padding, ld_out = channels + 2 ld_padding
+};
+
+void PrintTo(const CompressionCase& c, std::ostream* os) {
+  *os << "{N " << c.n_in << ", L " << c.n_out << ", channels " << c.channels << ", ld padding "
+      << c.ld_padding << "}";
+}
+
+std::string compression_case_name(const ::testing::TestParamInfo<CompressionCase>& info) {
+  return "N" + std::to_string(info.param.n_in) + "_L" + std::to_string(info.param.n_out) + "_C" +
+         std::to_string(info.param.channels) + "_pad" + std::to_string(info.param.ld_padding);
+}
+
+// The largest error bf16 rounding makes on `reference` (what a perfect bf16 kernel errs by).
+double bf16_rounding_error(const std::vector<float>& reference) {
+  double baseline = 0.0;
+  for (float r : reference) {
+    baseline = std::max(baseline, std::abs(static_cast<double>(round_bf16(r)) - r));
+  }
+  return baseline;
+}
+
+// Two bf16 results of the same fp32 computation (the FFT and GEMM paths): each may err by
+// kBf16ErrorFactor times the reference's rounding error, so they differ by at most twice that.
+void expect_paths_agree(const std::vector<float>& fft, const std::vector<float>& gemm,
+                        const std::vector<float>& reference, const std::string& what) {
+  ASSERT_EQ(fft.size(), gemm.size()) << what;
+  const double bound = 2.0 * kBf16ErrorFactor * bf16_rounding_error(reference);
+  double worst = 0.0;
+  size_t worst_index = 0;
+  for (size_t i = 0; i < fft.size(); ++i) {
+    const double difference = std::abs(static_cast<double>(fft[i]) - gemm[i]);
+    if (!(difference <= worst)) {
+      worst = difference;
+      worst_index = i;
+    }
+  }
+  EXPECT_LE(worst, bound) << what << ": fft " << fft[worst_index] << " and gemm "
+                          << gemm[worst_index] << " at index " << worst_index << " differ by "
+                          << worst;
+}
+
+class CudaFftCompressionTest : public CudaKernelsTest,
+                               public ::testing::WithParamInterface<CompressionCase> {};
+
+TEST_P(CudaFftCompressionTest, ForwardAndBackwardMatchCpuAndGemm) {
+  const CompressionCase& c = GetParam();
+  const int64_t ld_in = c.channels + c.ld_padding, ld_out = c.channels + 2 * c.ld_padding;
+  const std::string what =
+      "freqkv_compress " + std::to_string(c.n_in) + "->" + std::to_string(c.n_out);
+  const std::vector<float> in = random_bf16_values(c.n_in * ld_in, 80);
+  const std::vector<float> out0 = random_bf16_values(c.n_out * ld_out, 81);
+  const std::vector<float> dout = random_bf16_values(c.n_out * ld_out, 82);
+  const std::vector<float> din0 = random_bf16_values(c.n_in * ld_in, 83);
+
+  // The fp32 reference (padding columns keep their values: out0 and din0 there).
+  Buffer<float> cin = on_cpu(in), cout = on_cpu(out0), cdout = on_cpu(dout), cdin = on_cpu(din0);
+  cpu_->freqkv_compress(cout.data(), ld_out, cin.data(), ld_in, c.n_in, c.n_out, c.channels);
+  cpu_->freqkv_compress_backward(cdin.data(), ld_in, cdout.data(), ld_out, c.n_in, c.n_out,
+                                 c.channels);
+  const std::vector<float> out_reference = read(cout), din_reference = read(cdin);
+
+  struct PathResult {
+    std::vector<float> out, din;
+  };
+  const auto run = [&](freqkv::CompressionImpl impl) {
+    freqkv::set_cuda_compression_impl(*gpu_, impl);
+    Buffer<bf16> gin = on_gpu(in), gout = on_gpu(out0), gdout = on_gpu(dout), gdin = on_gpu(din0);
+    gpu_->freqkv_compress(gout.data(), ld_out, gin.data(), ld_in, c.n_in, c.n_out, c.channels);
+    gpu_->freqkv_compress_backward(gdin.data(), ld_in, gdout.data(), ld_out, c.n_in, c.n_out,
+                                   c.channels);
+    return PathResult{read(gout), read(gdin)};
+  };
+  const PathResult fft = run(freqkv::CompressionImpl::Fft);
+  const PathResult gemm = run(freqkv::CompressionImpl::Gemm);
+
+  expect_bf16_close(fft.out, out_reference, what + " (fft)");
+  expect_bf16_close(fft.din, din_reference, what + " backward (fft, accumulated into din)");
+  expect_bf16_close(gemm.out, out_reference, what + " (gemm)");
+  expect_paths_agree(fft.out, gemm.out, out_reference, what + ": fft against gemm");
+  expect_paths_agree(fft.din, gemm.din, din_reference, what + " backward: fft against gemm");
+}
+
+// L = N (identity), L = 1, odd and even N and L, wide and narrow channel counts, padded and dense
+// rows; then FreqKV's own sizes: N = C - S = 4092 -> L = 2046 (cache 4096, sink 4, ratio 0.5) over
+// a 1.1B-size K|V width (2 x 4 heads x 64) and a 7B-size one (2 x 32 x 128 would be 8192: 2048
+// keeps the CPU reference quick), and the 2048 -> 1024 of a 2K cache.
+INSTANTIATE_TEST_SUITE_P(
+    Sizes, CudaFftCompressionTest,
+    ::testing::Values(CompressionCase{1, 1, 7, 0}, CompressionCase{2, 1, 33, 3},
+                      CompressionCase{20, 20, 33, 4}, CompressionCase{9, 1, 64, 0},
+                      CompressionCase{60, 30, 96, 4}, CompressionCase{127, 64, 300, 5},
+                      CompressionCase{1023, 511, 256, 4}, CompressionCase{1000, 999, 40, 8},
+                      CompressionCase{2048, 1024, 1024, 0}, CompressionCase{4092, 2046, 512, 0},
+                      CompressionCase{4092, 2046, 2048, 16}),
+    compression_case_name);
+
+TEST_F(CudaKernelsTest, FreqKVCompressAutoPicksFftFromTheCrossover) {
+  // Bitwise: each path is deterministic, and the two differ in the last bits.
+  const int64_t n_in = 100, n_out = 50, channels = 64;
+  const std::vector<float> in = random_bf16_values(n_in * channels, 90);
+  const auto compress = [&](freqkv::CompressionImpl impl, int64_t crossover) {
+    freqkv::set_cuda_compression_impl(*gpu_, impl);
+    freqkv::set_cuda_compression_crossover(*gpu_, crossover);
+    Buffer<bf16> gin = on_gpu(in), gout(*gpu_, n_out * channels);
+    gpu_->freqkv_compress(gout.data(), channels, gin.data(), channels, n_in, n_out, channels);
+    return read(gout);
+  };
+  const std::vector<float> fft = compress(freqkv::CompressionImpl::Fft, 1);
+  const std::vector<float> gemm = compress(freqkv::CompressionImpl::Gemm, 1);
+  ASSERT_NE(fft, gemm) << "the paths agree to the last bit here: the checks below prove nothing";
+  expect_identical(compress(freqkv::CompressionImpl::Auto, n_in), fft, "auto at N = crossover");
+  expect_identical(compress(freqkv::CompressionImpl::Auto, n_in + 1), gemm,
+                   "auto below the crossover");
+  EXPECT_THROW(freqkv::set_cuda_compression_crossover(*gpu_, 0), std::invalid_argument);
+
+  // The FFT path checks what the GEMM path checks; no channels is no work.
+  freqkv::set_cuda_compression_impl(*gpu_, freqkv::CompressionImpl::Fft);
+  Buffer<bf16> buffer(*gpu_, 64);
+  EXPECT_THROW(gpu_->freqkv_compress(buffer.data(), 4, buffer.data(), 4, 4, 8, 4),
+               std::invalid_argument);
+  EXPECT_THROW(gpu_->freqkv_compress_backward(buffer.data(), 3, buffer.data(), 4, 8, 4, 4),
+               std::invalid_argument);
+  gpu_->freqkv_compress(buffer.data(), 1, buffer.data() + 32, 1, 8, 4, 0);
+  EXPECT_EQ(read(buffer), std::vector<float>(64, 0.0f));
+}
+
+TEST_F(CudaKernelsTest, FreqKVCompressCrossoverFromTheEnvironment) {
+  // make_cuda_kernels reads FREQKV_COMPRESS_CROSSOVER; a bad value is an error naming it.
+  // Puts the variable back as it was, however the test ends.
+  struct RestoreEnvironment {
+    const char* saved = std::getenv("FREQKV_COMPRESS_CROSSOVER");
+    std::string saved_value = saved != nullptr ? saved : "";
+    ~RestoreEnvironment() {
+      if (saved != nullptr) {
+        setenv("FREQKV_COMPRESS_CROSSOVER", saved_value.c_str(), 1);
+      } else {
+        unsetenv("FREQKV_COMPRESS_CROSSOVER");
+      }
+    }
+  } restore_environment;
+  ASSERT_EQ(setenv("FREQKV_COMPRESS_CROSSOVER", "12x", 1), 0);
+  try {
+    (void)freqkv::make_cuda_kernels(0);
+    ADD_FAILURE() << "FREQKV_COMPRESS_CROSSOVER = 12x was accepted";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_NE(std::string(error.what()).find("FREQKV_COMPRESS_CROSSOVER"), std::string::npos)
+        << error.what();
+  }
+  // 100 -> 50 runs on the FFT with crossover 100, on the GEMM with crossover 101.
+  const int64_t n_in = 100, n_out = 50, channels = 16;
+  const std::vector<float> in = random_bf16_values(n_in * channels, 91);
+  const auto compress_with_environment = [&](const char* crossover) {
+    EXPECT_EQ(setenv("FREQKV_COMPRESS_CROSSOVER", crossover, 1), 0);
+    std::unique_ptr<Kernels<bf16>> kernels = freqkv::make_cuda_kernels(0);
+    Buffer<bf16> gin(*kernels, n_in * channels), gout(*kernels, n_out * channels);
+    kernels->upload(gin.data(), in.data(), gin.size());
+    kernels->freqkv_compress(gout.data(), channels, gin.data(), channels, n_in, n_out, channels);
+    std::vector<float> out(static_cast<size_t>(gout.size()));
+    kernels->download(out.data(), gout.data(), gout.size());
+    return out;
+  };
+  const std::vector<float> at = compress_with_environment("100");
+  const std::vector<float> above = compress_with_environment("101");
+  ASSERT_NE(at, above) << "the paths agree to the last bit here: the checks below prove nothing";
+  freqkv::set_cuda_compression_impl(*gpu_, freqkv::CompressionImpl::Fft);
+  Buffer<bf16> gin = on_gpu(in), gout(*gpu_, n_out * channels);
+  gpu_->freqkv_compress(gout.data(), channels, gin.data(), channels, n_in, n_out, channels);
+  expect_identical(at, read(gout), "crossover 100 from the environment runs the fft");
+  freqkv::set_cuda_compression_impl(*gpu_, freqkv::CompressionImpl::Gemm);
+  gpu_->freqkv_compress(gout.data(), channels, gin.data(), channels, n_in, n_out, channels);
+  expect_identical(above, read(gout), "crossover 101 from the environment runs the gemm");
+}
+
 // ---- AdamW ------------------------------------------------------------------------------------
 
 TEST_F(CudaKernelsTest, AdamWMatchesCpuStepByStep) {

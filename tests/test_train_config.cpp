@@ -82,6 +82,7 @@ TEST(TrainConfig, DefaultsLoadAndMatchTheStructInitialisers) {
   EXPECT_EQ(loaded.freqkv.cache, 4096);
   EXPECT_EQ(loaded.freqkv.sink, 4);
   EXPECT_EQ(loaded.freqkv.ratio, 0.5);
+  EXPECT_EQ(loaded.freqkv_compression, CompressionImpl::Auto);
   EXPECT_EQ(loaded.data.token_dtype, TokenDType::U16);
   EXPECT_EQ(loaded.data.seq_len, 8192);
   EXPECT_EQ(loaded.data.eos_token, -1);
@@ -302,6 +303,10 @@ TEST(TrainConfig, EnumValues) {
   expect_invalid([] { load_text("", {"lora.targets=[q_proj, q_proj]"}); },
                  {"lora.targets", "twice"});
   expect_invalid([] { load_text("", {"lora.targets=[]"}); }, {"lora.targets", "no layer"});
+  expect_invalid([] { load_text("", {"freqkv.compression=dct"}); },
+                 {"'freqkv.compression'", "'dct'", "auto | gemm | fft"});
+  EXPECT_EQ(load_text("", {"freqkv.compression=fft"}).freqkv_compression, CompressionImpl::Fft);
+  EXPECT_EQ(load_text("", {"freqkv.compression=gemm"}).freqkv_compression, CompressionImpl::Gemm);
 
   const TrainConfig cuda = load_text("", {"device=cuda", "precision=bf16",
                                           "data.token_dtype=int32", "schedule.kind=linear"});

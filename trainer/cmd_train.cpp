@@ -95,6 +95,7 @@ int run_train(const std::vector<std::string>& args) {
 #if defined(FREQKV_HAVE_CUDA)
       if (grid->world().size() == 1) {
         const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
+        set_cuda_compression_impl(*kernels, config.freqkv_compression);
         return train_with<bf16>(config, stop_at, *grid, *kernels);
       }
 #if defined(FREQKV_HAVE_NCCL)
@@ -105,6 +106,7 @@ int run_train(const std::vector<std::string>& args) {
         // through MPI-IO on it.
         const int device = device_for_this_rank();
         const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(device);
+        set_cuda_compression_impl(*kernels, config.freqkv_compression);
         const std::unique_ptr<ParallelGrid> nccl =
             make_nccl_grid(shape, device, cuda_kernels_stream(*kernels));
         if (grid->world_rank() == 0) {

@@ -39,6 +39,7 @@ freqkv:  # FreqKV attention (../shared/docs/FREQKV.md)
   cache: 4096  # C: rows attended at most (sink + memory + recent); the pretrained context
   sink: 4  # S: first tokens never compressed
   ratio: 0.5  # r in (0, 1]: share of the compressible span C - S kept by each compression
+  compression: auto  # on cuda: gemm (matrix P) | fft (cuFFT DCTs) | auto (fft from N = 1024)
 data:  # training data: flat token files as `freqkv tokenize` writes them
   train: []  # training token files (required), e.g. [shard0.bin, shard1.bin]
   token_dtype: uint16  # element type of the token files: uint16 | uint32 | int32
@@ -529,6 +530,8 @@ TrainConfig read_config(YAML::Node merged, Origins origins) {
   freqkv.cache = in.positive_integer("freqkv.cache");
   freqkv.sink = in.integer("freqkv.sink", 0);
   freqkv.ratio = in.number_in("freqkv.ratio", 0.0, true, 1.0, false);
+  config.freqkv_compression =
+      parse_compression_impl(in.choice("freqkv.compression", {"auto", "gemm", "fft"}));
   if (freqkv.enabled) {
     try {
       freqkv.validate();
@@ -718,7 +721,7 @@ bool operator==(const TrainConfig& a, const TrainConfig& b) {
   };
   return model(a.model) == model(b.model) && a.device == b.device &&
          a.precision == b.precision && a.recompute == b.recompute &&
-         freqkv(a.freqkv) == freqkv(b.freqkv) &&
+         freqkv(a.freqkv) == freqkv(b.freqkv) && a.freqkv_compression == b.freqkv_compression &&
          data(a.data) == data(b.data) &&
          validation(a.data.validation) == validation(b.data.validation) &&
          optimizer(a.optimizer) == optimizer(b.optimizer) &&

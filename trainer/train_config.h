@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "data/token_file.h"
+#include "kernels/compression_impl.h"
 #include "model/model_config.h"
 
 namespace freqkv {
@@ -102,6 +103,9 @@ struct TrainConfig {
   TrainPrecision precision = TrainPrecision::FP32;
   bool recompute = false;  // activation recomputation per layer (LlamaModel::set_recompute)
   FreqKVConfig freqkv;
+  // How device cuda computes the compressions (the YAML key freqkv.compression; not part of the
+  // model: the CPU always multiplies by P).
+  CompressionImpl freqkv_compression = CompressionImpl::Auto;
   DataSection data;
   OptimizerSection optimizer;
   ScheduleSection schedule;

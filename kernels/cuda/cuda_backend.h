@@ -13,6 +13,7 @@
 
 #include <memory>
 
+#include "kernels/compression_impl.h"
 #include "kernels/kernels.h"
 
 // The CUDA runtime's stream type, declared as the runtime declares it (cudaStream_t is a pointer
@@ -63,5 +64,13 @@ struct CudaMemoryStats {
 CudaMemoryStats cuda_memory_stats(Kernels<bf16>& kernels);
 // Restarts both peaks at what is allocated now. Waits for the backend's stream first.
 void reset_cuda_peak_memory(Kernels<bf16>& kernels);
+
+// How freqkv_compress and its backward run: Gemm (cuBLAS with the bf16 matrix P), Fft (cuFFT
+// DCTs in fp32, kernels/cuda/freqkv_fft.cu) or Auto (the default: Fft when n_in >= the crossover).
+// The crossover starts as FREQKV_COMPRESS_CROSSOVER from the environment when the backend is made
+// (make_cuda_kernels throws std::invalid_argument if that is not a positive integer), else
+// kDefaultCompressionCrossover; set_cuda_compression_crossover throws for n_in < 1.
+void set_cuda_compression_impl(Kernels<bf16>& kernels, CompressionImpl impl);
+void set_cuda_compression_crossover(Kernels<bf16>& kernels, int64_t n_in);
 
 }  // namespace freqkv

@@ -28,6 +28,7 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_launchers.cuh"
+#include "kernels/cuda/freqkv_fft.cuh"
 #include "kernels/freqkv_matrix.h"
 #include "kernels/kernel_math.h"
 
@@ -249,6 +250,8 @@ class CudaKernels final : public Kernels<bf16> {
   int device() const { return device_; }
   void set_flash_attention(bool enabled) { flash_attention_ = enabled; }
   CudaMemoryStats memory_stats();
+  void set_compression_impl(CompressionImpl impl) { compression_impl_ = impl; }
+  void set_compression_crossover(int64_t n_in);
   void reset_peak_memory();
 
  private:
@@ -269,6 +272,9 @@ class CudaKernels final : public Kernels<bf16> {
   void release() noexcept;
 
   const bf16* compression_matrix(int64_t n_in, int64_t n_out);
+  // Validates freqkv_compress's arguments and says whether the cuFFT path runs them.
+  bool compress_with_fft(int64_t n_in, int64_t n_out, int64_t channels, int64_t ld_in,
+                         int64_t ld_out, const char* where) const;
   const double* rope_inverse_frequencies(int head_dim, double theta);
   const AttentionPlan& attention_plan(const std::vector<AttnBlock>& blocks, int tile_rows);
   // The tensor-core flash kernels serve this head size (and FREQKV_ATTENTION does not say simple).
@@ -299,6 +305,10 @@ class CudaKernels final : public Kernels<bf16> {
   std::map<std::pair<int64_t, int64_t>, bf16*> compression_matrices_;
   std::map<std::pair<int, double>, double*> rope_tables_;
   std::list<AttentionPlan> attention_plans_;  // most recently used first
+  // FreqKV compression: GEMM with P or cuFFT DCTs (kernels/compression_impl.h).
+  CompressionImpl compression_impl_ = CompressionImpl::Auto;
+  int64_t compression_crossover_ = cuda::compression_crossover_from_environment();
+  cuda::FftCompression fft_compression_;  // its cuFFT plans
   // Environment FREQKV_ATTENTION, read once here: unset or "flash" = the flash kernels where they
   // serve the head size (kernels/cuda/flash_attention.cu), "simple" = always the CUDA-core kernels
   // (kernels/cuda/attention.cu).
@@ -375,6 +385,7 @@ void CudaKernels::release() noexcept {
   rope_tables_.clear();
   for (auto& plan : attention_plans_) (void)device_free(plan.device_tiles);
   attention_plans_.clear();
+  fft_compression_.release();
   if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
   if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
   cublas_ = nullptr;
@@ -883,9 +894,45 @@ const bf16* CudaKernels::compression_matrix(int64_t n_in, int64_t n_out) {
   return it->second;
 }
 
+void CudaKernels::set_compression_crossover(int64_t n_in) {
+  if (n_in < 1) {
+    throw std::invalid_argument("cuda-bf16: the FreqKV compression crossover must be >= 1, got " +
+                                std::to_string(n_in));
+  }
+  compression_crossover_ = n_in;
+}
+
+bool CudaKernels::compress_with_fft(int64_t n_in, int64_t n_out, int64_t channels, int64_t ld_in,
+                                    int64_t ld_out, const char* where) const {
+  if (n_out < 1 || n_out > n_in || channels < 0 || ld_in < std::max<int64_t>(channels, 1) ||
+      ld_out < std::max<int64_t>(channels, 1)) {
+    throw std::invalid_argument(
+        std::string("cuda-bf16 ") + where + ": need 1 <= n_out <= n_in, channels >= 0 and " +
+        "leading dimensions >= max(channels, 1), got n_in = " + std::to_string(n_in) +
+        ", n_out = " + std::to_string(n_out) + ", channels = " + std::to_string(channels) +
+        ", ld_in = " + std::to_string(ld_in) + ", ld_out = " + std::to_string(ld_out));
+  }
+  switch (compression_impl_) {
+    case CompressionImpl::Gemm:
+      return false;
+    case CompressionImpl::Fft:
+      return true;
+    case CompressionImpl::Auto:
+      break;
+  }
+  return n_in >= compression_crossover_;
+}
+
 void CudaKernels::freqkv_compress(bf16* out, int64_t ld_out, const bf16* in, int64_t ld_in,
                                   int64_t n_in, int64_t n_out, int64_t channels) {
   activate();
+  if (compress_with_fft(n_in, n_out, channels, ld_in, ld_out, "freqkv_compress")) {
+    if (channels > 0) {
+      fft_compression_.forward(context(), as_nv(out), ld_out, as_nv(in), ld_in, n_in, n_out,
+                               channels);
+    }
+    return;
+  }
   const bf16* p = compression_matrix(n_in, n_out);
   // out[L, C] = P[L, N] in[N, C]
   gemm(false, false, n_out, channels, n_in, 1.0, p, n_in, in, ld_in, 0.0, out, ld_out);
@@ -895,6 +942,13 @@ void CudaKernels::freqkv_compress_backward(bf16* din, int64_t ld_in, const bf16*
                                            int64_t ld_out, int64_t n_in, int64_t n_out,
                                            int64_t channels) {
   activate();
+  if (compress_with_fft(n_in, n_out, channels, ld_in, ld_out, "freqkv_compress_backward")) {
+    if (channels > 0) {
+      fft_compression_.backward(context(), as_nv(din), ld_in, as_nv(dout), ld_out, n_in, n_out,
+                                channels);
+    }
+    return;
+  }
   const bf16* p = compression_matrix(n_in, n_out);
   // din[N, C] += P^T[N, L] dout[L, C]; P is stored L x N, hence trans_a with lda = N.
   gemm(true, false, n_in, channels, n_out, 1.0, p, n_in, dout, ld_out, 1.0, din, ld_in);
@@ -954,6 +1008,14 @@ CudaMemoryStats cuda_memory_stats(Kernels<bf16>& kernels) {
 
 void reset_cuda_peak_memory(Kernels<bf16>& kernels) {
   as_cuda_kernels(kernels, "reset_cuda_peak_memory").reset_peak_memory();
+}
+
+void set_cuda_compression_impl(Kernels<bf16>& kernels, CompressionImpl impl) {
+  as_cuda_kernels(kernels, "set_cuda_compression_impl").set_compression_impl(impl);
+}
+
+void set_cuda_compression_crossover(Kernels<bf16>& kernels, int64_t n_in) {
+  as_cuda_kernels(kernels, "set_cuda_compression_crossover").set_compression_crossover(n_in);
 }
 
 bool cuda_device_available() {
