@@ -50,6 +50,7 @@ constexpr int kRows = flash::kTileRows;   // 64 tile rows: 16 per warp
 constexpr int kStep = flash::kStepRows;   // 64 rows of the streamed operand per step
 constexpr int kWarpRows = kRows / kWarps;  // 16
 static_assert(kWarpRows == 16 && kStep % 16 == 0, "one 16-row fragment per warp");
+static_assert(kRows == kStep, "stage_rows stages kStep rows, for tiles and steps alike");
 
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
 using FragAcol = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
