@@ -59,4 +59,34 @@ std::vector<double> freqkv_compression_matrix(int64_t n_in, int64_t n_out) {
   return p;
 }
 
+std::vector<double> freqkv_memory_transfer_matrix(int64_t n_in, int64_t n_out, int64_t power) {
+  if (power < 0) {
+    throw std::invalid_argument("freqkv_memory_transfer_matrix: the power must be >= 0, got " +
+                                std::to_string(power));
+  }
+  const std::vector<double> p = freqkv_compression_matrix(n_in, n_out);
+  const int L = static_cast<int>(n_out);
+  const size_t LL = static_cast<size_t>(n_out * n_out);
+  std::vector<double> base(LL), result(LL, 0.0), scratch(LL);
+  for (int64_t i = 0; i < n_out; ++i) {
+    result[static_cast<size_t>(i * n_out + i)] = 1.0;
+    for (int64_t j = 0; j < n_out; ++j)
+      base[static_cast<size_t>(i * n_out + j)] = p[static_cast<size_t>(i * n_in + j)];
+  }
+  // Binary powering: log2(power) squarings of an L x L matrix.
+  for (int64_t k = power; k > 0; k >>= 1) {
+    if (k & 1) {
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, L, L, 1.0, result.data(), L,
+                  base.data(), L, 0.0, scratch.data(), L);
+      result.swap(scratch);
+    }
+    if (k > 1) {
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, L, L, 1.0, base.data(), L,
+                  base.data(), L, 0.0, scratch.data(), L);
+      base.swap(scratch);
+    }
+  }
+  return result;
+}
+
 }  // namespace freqkv

@@ -20,4 +20,13 @@ std::vector<double> dct_matrix(int64_t n);
 // Throws std::invalid_argument unless 1 <= n_out <= n_in.
 std::vector<double> freqkv_compression_matrix(int64_t n_in, int64_t n_out);
 
+// What `power` successive compressions do to the memory they start from: A = (P[:, 0:L])^power,
+// an L x L row-major matrix (L = n_out, P = freqkv_compression_matrix(n_in, n_out)). Each
+// compression reads [memory (L rows) ; new tokens] and so maps memory M to P[:, 0:L] M plus a term
+// of the tokens alone; a chain of them gives M_out = A M_in + (the chain run with M_in = 0), which
+// lets a sequence-parallel rank pass its memory on with one L x L product (LlamaModel's memory
+// chain). power = 0 gives the identity. Throws std::invalid_argument for power < 0 or lengths
+// freqkv_compression_matrix refuses.
+std::vector<double> freqkv_memory_transfer_matrix(int64_t n_in, int64_t n_out, int64_t power);
+
 }  // namespace freqkv

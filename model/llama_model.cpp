@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/freqkv_matrix.h"
+
 namespace freqkv {
 
 template <typename T>
@@ -346,9 +348,17 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len, bool training) {
   logits_ = Buffer<T>(kernels_, std::min(classifier_rows_, N) * vocab_local_);
   tp_stats_ = Buffer<Acc<T>>(kernels_, tp_size_ > 1 ? classifier_rows_ * (tp_size_ + 2) : 0);
   kv_ext_ = Buffer<T>(kernels_, (sink_rows_ + N) * kv_width);
-  memory_buffer_ = Buffer<T>(
-      kernels_, sh.memory_in_row >= 0 || sh.memory_out_row >= 0
-                    ? batch * freqkv_.compressed() * kv_width : 0);
+  const int64_t L = freqkv_.enabled ? freqkv_.compressed() : 0;
+  memory_in_ = Buffer<T>(kernels_, sh.memory_in_row >= 0 ? batch * L * kv_width : 0);
+  memory_out_ = Buffer<T>(kernels_, sh.memory_out_row >= 0 ? batch * L * kv_width : 0);
+  memory_transfer_ = Buffer<T>();
+  if (sh.memory_in_row >= 0 && sh.memory_out_row >= 0) {
+    // k compressions from the memory entering chunk_begin to the one leaving for chunk_end.
+    const std::vector<double> a = freqkv_memory_transfer_matrix(
+        freqkv_.compressible(), L, sh.chunk_end - sh.chunk_begin);
+    memory_transfer_ = Buffer<T>(kernels_, L * L);
+    kernels_.upload(memory_transfer_.data(), a.data(), L * L);
+  }
   if (keep_exchanged) {
     for (int64_t l = 0; l < n_layers && sh.receives_sinks; ++l)
       kept_sinks_.emplace_back(kernels_, sink_rows_ * kv_width);
@@ -497,55 +507,99 @@ void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
                     d_kv_ext + b * S * width, S * width);
 }
 
+// The memory chain across sequence-parallel ranks. Over its chunks a rank maps the memory M_in
+// entering its first chunk to the memory M_out it hands on as M_out = A M_in + b, where
+// A = (P[:, 0:L])^k for its k compressions (freqkv_memory_transfer_matrix) and b is its chain run
+// with M_in = 0. The forward computes b before M_in arrives, so on arrival one L x L product gives
+// M_out, sent on at once; only then does the rank run its chain with the true M_in. Ranks wait on
+// each other for one small GEMM each instead of for each other's whole chains of compressions.
+// The backward is the adjoint: the true chain's adjoint gives what this rank's own attention asks
+// of M_in; the gradient of M_out arriving from the next rank goes on as A^T times it (plus that),
+// and is fed through the chain with zero memory entering (b's adjoint) into this rank's tokens.
+
 template <typename T>
-void LlamaModel<T>::memory_in_forward(T* kv_rows, const T* kept) {
+T* LlamaModel<T>::memory_in_rows(T* kv_rows, int64_t b) const {
   const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
-  const int64_t L = freqkv_.compressed();
-  const T* memory = kept;
-  if (memory == nullptr) {
-    Communicator& sp = *parallel_.sp;
-    sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
-    memory = memory_buffer_.data();
+  return kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width;
+}
+
+template <typename T>
+void LlamaModel<T>::memory_chain_forward(T* kv_rows, int64_t l, bool replay) {
+  const bool has_in = shard_.memory_in_row >= 0, has_out = shard_.memory_out_row >= 0;
+  if (!has_in && !has_out) {
+    apply_compressions(kv_rows, false);
+    return;
   }
-  for (int64_t b = 0; b < batch_; ++b)
-    kernels_.copy_on_device(kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width,
-                            memory + b * L * width, static_cast<size_t>(L * width) * sizeof(T));
-}
-
-template <typename T>
-void LlamaModel<T>::memory_in_backward(const T* d_kv_rows) {
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
-  const int64_t L = freqkv_.compressed();
-  Communicator& sp = *parallel_.sp;
-  for (int64_t b = 0; b < batch_; ++b)
-    kernels_.copy_on_device(memory_buffer_.data() + b * L * width,
-                            d_kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width,
-                            static_cast<size_t>(L * width) * sizeof(T));
-  sp.send(memory_buffer_.data(), batch_ * L * width, sp.rank() - 1);
-}
-
-template <typename T>
-void LlamaModel<T>::memory_out_forward(const T* kv_rows) {
   const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
+  const size_t memory_bytes = static_cast<size_t>(L * width) * sizeof(T);
+  Kernels<T>& k = kernels_;
+  if (replay) {  // the memory received in the first run; nothing crosses ranks
+    for (int64_t b = 0; has_in && b < batch_; ++b)
+      k.copy_on_device(memory_in_rows(kv_rows, b), kept_memory_[l].data() + b * L * width,
+                       memory_bytes);
+    apply_compressions(kv_rows, false);
+    return;
+  }
   Communicator& sp = *parallel_.sp;
-  for (int64_t b = 0; b < batch_; ++b)
-    kernels_.freqkv_compress(memory_buffer_.data() + b * L * width, width,
-                             kv_rows + (b * shard_.kv_rows + shard_.memory_out_row) * width, width,
-                             F, L, width);
-  sp.send(memory_buffer_.data(), batch_ * L * width, sp.rank() + 1);
+  T* m_in = memory_in_.data();
+  T* m_out = memory_out_.data();
+  if (has_out) {  // b: the chain with a zero memory entering it (the true chain on sp rank 0)
+    for (int64_t b = 0; has_in && b < batch_; ++b) k.fill_zero(memory_in_rows(kv_rows, b), memory_bytes);
+    apply_compressions(kv_rows, false);
+    for (int64_t b = 0; b < batch_; ++b)
+      k.freqkv_compress(m_out + b * L * width, width,
+                        kv_rows + (b * shard_.kv_rows + shard_.memory_out_row) * width, width, F,
+                        L, width);
+  }
+  if (has_in) {
+    sp.recv(m_in, batch_ * L * width, sp.rank() - 1);
+    for (int64_t b = 0; has_out && b < batch_; ++b)  // M_out = A M_in + b
+      k.gemm(false, false, L, width, L, 1.0, memory_transfer_.data(), L, m_in + b * L * width,
+             width, 1.0, m_out + b * L * width, width);
+  }
+  if (has_out) sp.send(m_out, batch_ * L * width, sp.rank() + 1);
+  if (has_in) {  // this rank's own chain, with the memory that really enters it
+    for (int64_t b = 0; b < batch_; ++b)
+      k.copy_on_device(memory_in_rows(kv_rows, b), m_in + b * L * width, memory_bytes);
+    if (recompute_ && prepared_training_)
+      k.copy_on_device(kept_memory_[l].data(), m_in, batch_ * memory_bytes);
+    apply_compressions(kv_rows, false);
+  }
 }
 
 template <typename T>
-void LlamaModel<T>::memory_out_backward(T* d_kv_rows) {
+void LlamaModel<T>::memory_chain_backward(T* d_kv_rows) {
+  apply_compressions(d_kv_rows, true);  // the true chain: what this rank's attention asks
+  const bool has_in = shard_.memory_in_row >= 0, has_out = shard_.memory_out_row >= 0;
+  if (!has_in && !has_out) return;
   const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
   const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
+  const size_t memory_bytes = static_cast<size_t>(L * width) * sizeof(T);
+  Kernels<T>& k = kernels_;
   Communicator& sp = *parallel_.sp;
-  sp.recv(memory_buffer_.data(), batch_ * L * width, sp.rank() + 1);
-  for (int64_t b = 0; b < batch_; ++b)
-    kernels_.freqkv_compress_backward(
-        d_kv_rows + (b * shard_.kv_rows + shard_.memory_out_row) * width, width,
-        memory_buffer_.data() + b * L * width, width, F, L, width);
+  T* d_in = memory_in_.data();
+  T* d_out = memory_out_.data();
+  for (int64_t b = 0; has_in && b < batch_; ++b)
+    k.copy_on_device(d_in + b * L * width, memory_in_rows(d_kv_rows, b), memory_bytes);
+  if (has_out) sp.recv(d_out, batch_ * L * width, sp.rank() + 1);
+  if (has_in) {
+    for (int64_t b = 0; has_out && b < batch_; ++b)  // dM_in += A^T dM_out
+      k.gemm(true, false, L, width, L, 1.0, memory_transfer_.data(), L, d_out + b * L * width,
+             width, 1.0, d_in + b * L * width, width);
+    sp.send(d_in, batch_ * L * width, sp.rank() - 1);
+  }
+  if (!has_out) return;
+  // b's adjoint: dM_out through the chain with zero memory entering. The memory rows have passed
+  // their gradients on already; cleared, they carry only this one.
+  for (int64_t b = 0; b < batch_; ++b) {
+    T* base = d_kv_rows + b * shard_.kv_rows * width;
+    for (const FreqKVCompression& c : shard_.compressions)
+      k.fill_zero(base + c.dst_row * width, static_cast<size_t>(c.n_dst * width) * sizeof(T));
+    k.freqkv_compress_backward(base + shard_.memory_out_row * width, width, d_out + b * L * width,
+                               width, F, L, width);
+  }
+  apply_compressions(d_kv_rows, true);
 }
 
 template <typename T>
@@ -585,14 +639,7 @@ void LlamaModel<T>::layer_forward(int64_t l, bool replay) {
     }
   }
   k.gather_rows(kv_rows, kv_width, kv_ext_.data(), kv_width, kv_source_.data(), kv_rows_, kv_width);
-  if (shard_.memory_in_row >= 0) {
-    memory_in_forward(kv_rows, replay ? kept_memory_[l].data() : nullptr);
-    if (keep)
-      k.copy_on_device(kept_memory_[l].data(), memory_buffer_.data(),
-                       static_cast<size_t>(kept_memory_[l].size()) * sizeof(T));
-  }
-  apply_compressions(kv_rows, false);
-  if (shard_.memory_out_row >= 0 && !replay) memory_out_forward(kv_rows);
+  memory_chain_forward(kv_rows, l, replay);
   k.rope(kv_rows, kv_width, kv_rows, kv_width, kv_positions_.data(), kv_rows_, static_cast<int>(Hkv),
          static_cast<int>(D), c.rope_theta, false);
   k.rope(a.q.data(), q_width, a.q.data(), q_width, query_positions_.data(), N, static_cast<int>(Hq),
@@ -766,9 +813,7 @@ void LlamaModel<T>::layer_backward(int64_t l) {
          static_cast<int>(Hq), static_cast<int>(D), c.rope_theta, true);
   k.rope(d_kv_rows, kv_width, d_kv_rows, kv_width, kv_positions_.data(), kv_rows_,
          static_cast<int>(Hkv), static_cast<int>(D), c.rope_theta, true);
-  if (shard_.memory_out_row >= 0) memory_out_backward(d_kv_rows);
-  apply_compressions(d_kv_rows, true);
-  if (shard_.memory_in_row >= 0) memory_in_backward(d_kv_rows);
+  memory_chain_backward(d_kv_rows);
   k.fill_zero(d_kv_ext_.data(), static_cast<size_t>((sink_rows_ + N) * kv_width) * sizeof(T));
   k.scatter_add_rows(d_kv_ext_.data(), kv_width, d_kv_rows, kv_width, kv_source_.data(), kv_rows_,
                      kv_width);

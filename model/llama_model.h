@@ -186,15 +186,15 @@ class LlamaModel {
   // contiguous arena ranges.
   void report_grads_ready(size_t first, size_t last);
   void apply_compressions(T* kv_rows, bool backward);
-  // Sequence parallelism: fill the sink rows and the incoming memory from other ranks (forward);
-  // return their gradients (backward).
+  // Sequence parallelism: fill the sink rows from sp rank 0 (forward); return their gradients.
   void exchange_sinks_forward(T* kv_ext);
   void exchange_sinks_backward(T* d_kv_ext);
-  // kept: the memory a replay reuses (nullptr: receive it from the previous rank).
-  void memory_in_forward(T* kv_rows, const T* kept = nullptr);
-  void memory_in_backward(const T* d_kv_rows);
-  void memory_out_forward(const T* kv_rows);
-  void memory_out_backward(T* d_kv_rows);
+  // The compressions of layer l's kv rows, with the memory entering this rank's first chunk
+  // received and the one leaving its last chunk sent on (see llama_model.cpp); a replay uses the
+  // kept memory and sends nothing. Backward: their adjoint.
+  void memory_chain_forward(T* kv_rows, int64_t l, bool replay);
+  void memory_chain_backward(T* d_kv_rows);
+  T* memory_in_rows(T* kv_rows, int64_t b) const;  // sequence b's rows of the entering memory
 
   ModelConfig config_;
   FreqKVConfig freqkv_;
@@ -239,7 +239,10 @@ class LlamaModel {
   // With recomputation under sequence parallelism: per layer, the sink rows and the memory this
   // rank received in the first run, replayed without communication.
   std::vector<Buffer<T>> kept_sinks_, kept_memory_;
-  Buffer<T> final_norm_, logits_, kv_ext_, memory_buffer_;
+  Buffer<T> final_norm_, logits_, kv_ext_;
+  // Sequence parallelism: the memory entering / leaving this rank (or their gradients), and
+  // A = (P[:, 0:L])^k of the rank's k compressions, present when it both receives and sends.
+  Buffer<T> memory_in_, memory_out_, memory_transfer_;
   Buffer<Acc<T>> final_rstd_, losses_, tp_stats_;
   // Backward scratch.
   Buffer<T> d_residual_, d_final_norm_, d_norm_, d_q_, d_kv_rows_, d_kv_ext_, d_att_, d_swiglu_,

@@ -164,6 +164,43 @@ TEST(FreqkvCompressionMatrix, IsIdentityWithoutCompression) {
   }
 }
 
+TEST(FreqkvMemoryTransferMatrix, IsThePowerOfTheMemoryColumns) {
+  // Against multiplying P[:, 0:L] out k times, and against running the chain itself: k
+  // compressions of [M ; zero tokens] starting from a random memory.
+  for (const auto& [n, l] : std::vector<std::pair<int64_t, int64_t>>{{6, 3}, {9, 4}, {10, 10}}) {
+    const std::vector<double> p = freqkv::freqkv_compression_matrix(n, l);
+    std::vector<double> power(static_cast<size_t>(l * l), 0.0);
+    for (int64_t i = 0; i < l; ++i) power[static_cast<size_t>(i * l + i)] = 1.0;
+    std::mt19937_64 rng(7);
+    std::normal_distribution<double> normal;
+    std::vector<double> memory(static_cast<size_t>(l));
+    for (double& m : memory) m = normal(rng);
+    const std::vector<double> start = memory;
+    for (int64_t k = 0; k <= 5; ++k) {
+      const std::vector<double> a = freqkv::freqkv_memory_transfer_matrix(n, l, k);
+      ASSERT_EQ(a.size(), power.size());
+      for (size_t e = 0; e < a.size(); ++e) EXPECT_NEAR(a[e], power[e], 1e-13) << n << " " << k;
+      for (int64_t i = 0; i < l; ++i) {  // A · M_0 equals the chain's memory after k steps
+        double am = 0;
+        for (int64_t j = 0; j < l; ++j) am += a[static_cast<size_t>(i * l + j)] * start[static_cast<size_t>(j)];
+        EXPECT_NEAR(am, memory[static_cast<size_t>(i)], 1e-12) << n << " " << k << " " << i;
+      }
+      std::vector<double> next_power(power.size(), 0.0), next_memory(memory.size(), 0.0);
+      for (int64_t i = 0; i < l; ++i)
+        for (int64_t j = 0; j < l; ++j) {
+          next_memory[static_cast<size_t>(i)] += p[static_cast<size_t>(i * n + j)] * memory[static_cast<size_t>(j)];
+          for (int64_t q = 0; q < l; ++q)
+            next_power[static_cast<size_t>(i * l + j)] +=
+                p[static_cast<size_t>(i * n + q)] * power[static_cast<size_t>(q * l + j)];
+        }
+      power = next_power;
+      memory = next_memory;
+    }
+  }
+  EXPECT_THROW(freqkv::freqkv_memory_transfer_matrix(6, 3, -1), std::invalid_argument);
+  EXPECT_THROW(freqkv::freqkv_memory_transfer_matrix(3, 6, 1), std::invalid_argument);
+}
+
 TEST(FreqkvCompressionMatrix, RejectsInvalidLengthsNamingThem) {
   EXPECT_NE(expect_invalid_argument(8, 0).find("n_out = 0"), std::string::npos);
   const std::string too_long = expect_invalid_argument(4, 5);

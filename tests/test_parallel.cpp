@@ -192,6 +192,13 @@ TEST(TensorAndSequenceParallel, TwoByTwoMatchesOneRankInDouble) {
   expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12, {2, 2, 1});
 }
 
+TEST(SequenceParallel, LongMemoryChainsInDouble) {
+  // C = 8, S = 2, r = 0.5, T = 62: 19 chunks, so every middle rank passes its memory on through
+  // several compressions (M_out = A M_in + b with A a power of P's memory columns).
+  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 62, 1e-12,
+                                              {1, ranks(), 1});
+}
+
 // Activation recomputation replays each layer in backward: tensor-parallel all-reduces run again,
 // sequence-parallel rows (sinks, memories) come from what the first run kept.
 TEST(SequenceParallel, RecomputeMatchesOneRankInDouble) {
