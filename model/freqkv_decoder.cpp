@@ -8,17 +8,6 @@
 
 namespace freqkv {
 
-namespace {
-
-int64_t required_param(const ParamTable& table, const std::string& name) {
-  const int64_t index = table.find(name);
-  if (index < 0)
-    throw std::invalid_argument("FreqKVDecoder: the model has no parameter " + name);
-  return index;
-}
-
-}  // namespace
-
 template <typename T>
 FreqKVDecoder<T>::FreqKVDecoder(LlamaModel<T>& model)
     : FreqKVDecoder(model, model.freqkv_config()) {}
@@ -30,59 +19,28 @@ FreqKVDecoder<T>::FreqKVDecoder(LlamaModel<T>& model, const FreqKVConfig& freqkv
       kernels_(model.kernels()),
       config_(model.config()),
       freqkv_(freqkv),
-      max_chunk_tokens_(max_chunk_tokens) {
-  if (model.tp_group() != nullptr)
+      max_chunk_tokens_(max_chunk_tokens),
+      tp_(model.parallel_.tp),
+      tp_size_(model.tp_size_) {
+  if (model.parallel_.sp != nullptr)
     throw std::invalid_argument(
-        "FreqKVDecoder: the model is built with tensor parallelism over " +
-        std::to_string(model.tp_group()->size()) +
-        " ranks, but the decoder runs on one rank with whole weights: build the model without "
-        "ModelParallel::tp for decoding");
-  // LlamaModel exposes no sequence-parallel group; a model split over sp > 1 ranks cannot hold
-  // a 1-token sequence (one chunk) on each rank, and sequence_shard says so by throwing.
-  try {
-    model.sequence_shard(1);
-  } catch (const std::invalid_argument& e) {
-    throw std::invalid_argument(
-        std::string("FreqKVDecoder: the model is built with sequence parallelism (") + e.what() +
-        "), but the decoder runs on one rank: build the model without ModelParallel::sp for "
-        "decoding");
-  }
+        "FreqKVDecoder: the model is built with sequence parallelism over " +
+        std::to_string(model.parallel_.sp->size()) +
+        " ranks, which splits a sequence's FreqKV chunks among ranks; a decoder keeps one cache "
+        "and appends one chunk of new tokens at a time, so there is nothing to split: build the "
+        "model without ModelParallel::sp for decoding (tensor parallelism, ModelParallel::tp, is "
+        "supported)");
   if (freqkv_.enabled) freqkv_.validate();
   if (max_chunk_tokens_ < 1)
     throw std::invalid_argument("FreqKVDecoder: max_chunk_tokens must be >= 1, got " +
                                 std::to_string(max_chunk_tokens_));
-
-  const ParamTable& table = model.param_table();
-  embed_index_ = required_param(table, "model.embed_tokens.weight");
-  final_norm_index_ = required_param(table, "model.norm.weight");
-  lm_head_index_ = config_.tie_word_embeddings ? embed_index_
-                                               : required_param(table, "lm_head.weight");
-  const LoraConfig& lora = model.lora_config();
-  if (lora.enabled) {
-    lora_rank_ = lora.rank;
-    lora_scaling_ = lora.scaling();
-  }
-  const char* kModules[kLinearCount] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                        "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
-                                        "mlp.down_proj"};
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    const std::string prefix = "model.layers." + std::to_string(l) + ".";
-    LayerWeights w;
-    w.input_norm = required_param(table, prefix + "input_layernorm.weight");
-    w.post_norm = required_param(table, prefix + "post_attention_layernorm.weight");
-    for (int i = 0; i < kLinearCount; ++i) {
-      Linear& lin = w.linear[i];
-      const std::string module = prefix + kModules[i];
-      lin.weight = required_param(table, module + ".weight");
-      lin.lora_a = table.find(module + ".lora_A.weight");
-      lin.lora_b = table.find(module + ".lora_B.weight");
-      lin.out = table[lin.weight].shape[0];
-      lin.in = table[lin.weight].shape[1];
-    }
-    layers_.push_back(w);
-  }
-  q_width_ = config_.num_attention_heads * config_.head_dim;
-  kv_width_ = config_.num_key_value_heads * config_.head_dim;
+  // The model checked at construction that heads, FFN columns and vocabulary divide by tp.
+  q_heads_ = config_.num_attention_heads / tp_size_;
+  kv_heads_ = config_.num_key_value_heads / tp_size_;
+  ffn_width_ = config_.intermediate_size / tp_size_;
+  vocab_local_ = model.vocab_local_;
+  q_width_ = q_heads_ * config_.head_dim;
+  kv_width_ = kv_heads_ * config_.head_dim;
 
   cache_.resize(static_cast<size_t>(config_.num_hidden_layers));
   if (freqkv_.enabled) {  // the cache never exceeds C rows: allocate it once
@@ -98,8 +56,10 @@ FreqKVDecoder<T>::FreqKVDecoder(LlamaModel<T>& model, const FreqKVConfig& freqkv
     std::iota(positions.begin(), positions.end(), static_cast<int32_t>(freqkv_.sink));
     memory_positions_ = upload_array(kernels_, positions);
   }
-  logits_ = Buffer<T>(kernels_, kClassifierRows * config_.vocab_size);
-  losses_dev_ = Buffer<Acc<T>>(kernels_, kClassifierRows);
+  local_logits_ = Buffer<T>(kernels_, kClassifierRows * vocab_local_);
+  logits_ = Buffer<T>(kernels_, config_.vocab_size);
+  loss_stats_ = Buffer<Acc<T>>(kernels_, kClassifierRows * (tp_size_ + 2));
+  token_dev_ = Buffer<int32_t>(kernels_, 1);
 }
 
 template <typename T>
@@ -203,7 +163,7 @@ void FreqKVDecoder<T>::compress_cache() {
     }
     kernels_.rope(c.rotated_keys.data() + S * kv_width_, kv_width_, c.keys.data() + S * kv_width_,
                   kv_width_, memory_positions_.data(), L,
-                  static_cast<int>(config_.num_key_value_heads), static_cast<int>(config_.head_dim),
+                  static_cast<int>(kv_heads_), static_cast<int>(config_.head_dim),
                   config_.rope_theta, false);
   }
   rows_ = S + L;
@@ -230,17 +190,18 @@ void FreqKVDecoder<T>::ensure_capacity(int64_t rows) {
 template <typename T>
 void FreqKVDecoder<T>::ensure_scratch(int64_t n) {
   if (n <= scratch_rows_) return;
-  const int64_t H = config_.hidden_size, I = config_.intermediate_size;
+  const int64_t H = config_.hidden_size, I = ffn_width_;
   hidden_ = Buffer<T>(kernels_, n * H);
+  mid_ = Buffer<T>(kernels_, n * H);
   normed_ = Buffer<T>(kernels_, n * H);
   q_ = Buffer<T>(kernels_, n * q_width_);
   att_ = Buffer<T>(kernels_, n * q_width_);
   gate_ = Buffer<T>(kernels_, n * I);
   up_ = Buffer<T>(kernels_, n * I);
   swiglu_ = Buffer<T>(kernels_, n * I);
-  lora_xa_ = Buffer<T>(kernels_, n * lora_rank_);
+  lora_xa_ = Buffer<T>(kernels_, n * model_.lora_config().rank);
   rstd_ = Buffer<Acc<T>>(kernels_, n);
-  lse_ = Buffer<Acc<T>>(kernels_, n * config_.num_attention_heads);
+  lse_ = Buffer<Acc<T>>(kernels_, n * q_heads_);
   tokens_dev_ = Buffer<int32_t>(kernels_, n);
   targets_dev_ = Buffer<int32_t>(kernels_, n);
   positions_dev_ = Buffer<int32_t>(kernels_, n);
@@ -248,99 +209,132 @@ void FreqKVDecoder<T>::ensure_scratch(int64_t n) {
 }
 
 template <typename T>
-void FreqKVDecoder<T>::linear(const Linear& lin, const T* x, int64_t ld_x, T* y, int64_t ld_y,
-                              double beta, int64_t n) {
-  Kernels<T>& k = kernels_;
-  k.gemm(false, true, n, lin.out, lin.in, 1.0, x, ld_x, model_.param(lin.weight), lin.in, beta, y,
-         ld_y);
-  if (lin.lora_a < 0) return;
-  const int64_t r = lora_rank_;
-  k.gemm(false, true, n, r, lin.in, 1.0, x, ld_x, model_.param(lin.lora_a), lin.in, 0.0,
-         lora_xa_.data(), r);
-  k.gemm(false, true, n, lin.out, r, lora_scaling_, lora_xa_.data(), r, model_.param(lin.lora_b), r,
-         1.0, y, ld_y);
+int32_t FreqKVDecoder<T>::agree_on_token(int32_t token) {
+  if (tp_ == nullptr) return token;
+  kernels_.copy_to_device(token_dev_.data(), &token, sizeof(int32_t));
+  tp_->broadcast(token_dev_.data(), 1, 0);
+  kernels_.copy_to_host(&token, token_dev_.data(), sizeof(int32_t));
+  return token;
 }
+
+namespace {
+
+// LlamaModel's projections size their GEMMs by the rows of the model's current batch
+// (n_tokens_). The decoder runs them on its chunk's n rows and restores the model's count
+// afterwards, so that a later LlamaModel::forward, which reuses the activations it prepared when
+// the shape is unchanged, sees its own.
+class ScopedRows {
+ public:
+  ScopedRows(int64_t& rows, int64_t n) : rows_(rows), saved_(rows) { rows_ = n; }
+  ~ScopedRows() { rows_ = saved_; }
+  ScopedRows(const ScopedRows&) = delete;
+  ScopedRows& operator=(const ScopedRows&) = delete;
+
+ private:
+  int64_t& rows_;
+  int64_t saved_;
+};
+
+}  // namespace
 
 template <typename T>
 void FreqKVDecoder<T>::run_chunk(const int32_t* tokens, const int32_t* targets, int64_t n,
                                  double* losses, bool keep_last_logits) {
   ensure_scratch(n);
   Kernels<T>& k = kernels_;
-  const ModelConfig& c = config_;
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
-  const int Hq = static_cast<int>(c.num_attention_heads);
-  const int Hkv = static_cast<int>(c.num_key_value_heads);
-  const int D = static_cast<int>(c.head_dim);
-  const int64_t qw = q_width_, kw = kv_width_, R = rows_;
-
+  const int64_t R = rows_;
   // The new tokens take cache rows [R, R+n); a row's index is its RoPE position.
   std::vector<int32_t> positions(static_cast<size_t>(n));
   std::iota(positions.begin(), positions.end(), static_cast<int32_t>(R));
   k.copy_to_device(positions_dev_.data(), positions.data(), positions.size() * sizeof(int32_t));
   k.copy_to_device(tokens_dev_.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
 
-  T* x = hidden_.data();  // the residual stream, updated in place layer by layer
-  k.embedding_forward(x, model_.param(embed_index_), tokens_dev_.data(), n, H);
-  const AttnShape shape{Hq, Hkv, D, 1.0 / std::sqrt(static_cast<double>(D))};
-  const std::vector<AttnBlock> block = {{0, n, 0, R + n}};  // bottom-right: query i sees rows <= R+i
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const LayerWeights& w = layers_[l];
-    LayerCache& cache = cache_[l];
-    k.rmsnorm_forward(normed_.data(), rstd_.data(), x, model_.param(w.input_norm), n, H,
-                      c.rms_norm_eps);
-    linear(w.linear[kQ], normed_.data(), H, q_.data(), qw, 0.0, n);
-    // Keys go in pre-RoPE (the compression's input) when FreqKV may compress them later;
-    // without FreqKV only their rotation is ever read, so they are rotated in place.
-    T* new_keys = (freqkv_.enabled ? cache.keys.data() : cache.rotated_keys.data()) + R * kw;
-    linear(w.linear[kK], normed_.data(), H, new_keys, kw, 0.0, n);
-    linear(w.linear[kV], normed_.data(), H, cache.values.data() + R * kw, kw, 0.0, n);
-    k.rope(cache.rotated_keys.data() + R * kw, kw, new_keys, kw, positions_dev_.data(), n, Hkv, D,
-           c.rope_theta, false);
-    k.rope(q_.data(), qw, q_.data(), qw, positions_dev_.data(), n, Hq, D, c.rope_theta, false);
-    k.attention_forward(att_.data(), qw, lse_.data(), q_.data(), qw, cache.rotated_keys.data(),
-                        cache.values.data(), kw, block, shape);
-    linear(w.linear[kO], att_.data(), qw, x, H, 1.0, n);  // x += o_proj(attention)
-
-    k.rmsnorm_forward(normed_.data(), rstd_.data(), x, model_.param(w.post_norm), n, H,
-                      c.rms_norm_eps);
-    linear(w.linear[kGate], normed_.data(), H, gate_.data(), I, 0.0, n);
-    linear(w.linear[kUp], normed_.data(), H, up_.data(), I, 0.0, n);
-    k.swiglu_forward(swiglu_.data(), gate_.data(), up_.data(), n * I);
-    linear(w.linear[kDown], swiglu_.data(), I, x, H, 1.0, n);  // x += down(swiglu)
-  }
+  const ScopedRows rows(model_.n_tokens_, n);
+  model_.embedding_lookup(tokens, tokens_dev_.data(), n, hidden_.data(), embed_rows_);
+  for (size_t l = 0; l < cache_.size(); ++l) run_layer(l, n);
   rows_ += n;
   peak_rows_ = std::max(peak_rows_, rows_);
   tokens_seen_ += n;
 
-  // Final norm of the rows the classifier reads: all of them when scoring, else the last.
-  const T* final_norm = model_.param(final_norm_index_);
-  const T* head = model_.param(lm_head_index_);
-  if (targets) {
-    k.rmsnorm_forward(normed_.data(), rstd_.data(), x, final_norm, n, H, c.rms_norm_eps);
-    k.copy_to_device(targets_dev_.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
-    std::vector<Acc<T>> block_losses(static_cast<size_t>(kClassifierRows));
-    for (int64_t r0 = 0; r0 < n; r0 += kClassifierRows) {
-      const int64_t rows = std::min(kClassifierRows, n - r0);
-      // Rows without a target are not scored; a block without any skips the LM head.
-      if (std::none_of(targets + r0, targets + r0 + rows, [](int32_t t) { return t >= 0; }))
-        continue;
-      k.gemm(false, true, rows, V, H, 1.0, normed_.data() + r0 * H, H, head, H, 0.0,
-             logits_.data(), V);
-      k.cross_entropy(losses_dev_.data(), logits_.data(), V, targets_dev_.data() + r0, rows, V,
-                      0.0);
-      k.copy_to_host(block_losses.data(), losses_dev_.data(),
-                     static_cast<size_t>(rows) * sizeof(Acc<T>));
-      for (int64_t i = 0; i < rows; ++i) losses[r0 + i] = static_cast<double>(block_losses[i]);
-    }
-  } else if (keep_last_logits) {
-    k.rmsnorm_forward(normed_.data() + (n - 1) * H, rstd_.data(), x + (n - 1) * H, final_norm, 1,
-                      H, c.rms_norm_eps);
+  if (targets) score_rows(targets, n, losses);
+  if (keep_last_logits) last_row_logits(n);  // after the scoring blocks, which use normed_
+}
+
+template <typename T>
+void FreqKVDecoder<T>::run_layer(size_t l, int64_t n) {
+  using Model = LlamaModel<T>;
+  Kernels<T>& k = kernels_;
+  const ModelConfig& c = config_;
+  const typename Model::LayerParams& p = model_.layers_[l];
+  LayerCache& cache = cache_[l];
+  const int64_t H = c.hidden_size, I = ffn_width_, qw = q_width_, kw = kv_width_, R = rows_;
+  const int Hq = static_cast<int>(q_heads_), Hkv = static_cast<int>(kv_heads_);
+  const int D = static_cast<int>(c.head_dim);
+  T* x = hidden_.data();  // the residual stream: x -> mid_ (attention) -> x (MLP)
+
+  // Attention block, on this rank's heads. Keys go into the cache pre-RoPE (the compression's
+  // input) when FreqKV may compress them later; without FreqKV only their rotation is ever read,
+  // so they are rotated in place.
+  k.rmsnorm_forward(normed_.data(), rstd_.data(), x, model_.param(p.input_norm), n, H,
+                    c.rms_norm_eps);
+  model_.linear_forward(p.linear[Model::kQ], lora_xa_, normed_.data(), H, q_.data(), qw, 0.0);
+  T* new_keys = (freqkv_.enabled ? cache.keys.data() : cache.rotated_keys.data()) + R * kw;
+  model_.linear_forward(p.linear[Model::kK], lora_xa_, normed_.data(), H, new_keys, kw, 0.0);
+  model_.linear_forward(p.linear[Model::kV], lora_xa_, normed_.data(), H,
+                        cache.values.data() + R * kw, kw, 0.0);
+  k.rope(cache.rotated_keys.data() + R * kw, kw, new_keys, kw, positions_dev_.data(), n, Hkv, D,
+         c.rope_theta, false);
+  k.rope(q_.data(), qw, q_.data(), qw, positions_dev_.data(), n, Hq, D, c.rope_theta, false);
+  const AttnShape shape{Hq, Hkv, D, 1.0 / std::sqrt(static_cast<double>(D))};
+  const std::vector<AttnBlock> block = {{0, n, 0, R + n}};  // bottom-right: query i sees rows <= R+i
+  k.attention_forward(att_.data(), qw, lse_.data(), q_.data(), qw, cache.rotated_keys.data(),
+                      cache.values.data(), kw, block, shape);
+  model_.row_parallel_forward(p.linear[Model::kO], lora_xa_, att_.data(), qw, x, mid_.data());
+
+  // MLP block: down(silu(gate(x)) * up(x)) on this rank's FFN columns.
+  k.rmsnorm_forward(normed_.data(), rstd_.data(), mid_.data(), model_.param(p.post_norm), n, H,
+                    c.rms_norm_eps);
+  model_.linear_forward(p.linear[Model::kGate], lora_xa_, normed_.data(), H, gate_.data(), I, 0.0);
+  model_.linear_forward(p.linear[Model::kUp], lora_xa_, normed_.data(), H, up_.data(), I, 0.0);
+  k.swiglu_forward(swiglu_.data(), gate_.data(), up_.data(), n * I);
+  model_.row_parallel_forward(p.linear[Model::kDown], lora_xa_, swiglu_.data(), I, mid_.data(), x);
+}
+
+template <typename T>
+void FreqKVDecoder<T>::score_rows(const int32_t* targets, int64_t n, double* losses) {
+  Kernels<T>& k = kernels_;
+  const int64_t H = config_.hidden_size, V = vocab_local_;
+  const T* head = model_.param(model_.lm_head_index_);
+  k.rmsnorm_forward(normed_.data(), rstd_.data(), hidden_.data(),
+                    model_.param(model_.final_norm_index_), n, H, config_.rms_norm_eps);
+  k.copy_to_device(targets_dev_.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
+  for (int64_t r0 = 0; r0 < n; r0 += kClassifierRows) {
+    const int64_t rows = std::min(kClassifierRows, n - r0);
+    // Rows without a target are not scored; a block without any skips the LM head (on every tp
+    // rank alike: they all see the same targets).
+    if (std::none_of(targets + r0, targets + r0 + rows, [](int32_t t) { return t >= 0; }))
+      continue;
+    k.gemm(false, true, rows, V, H, 1.0, normed_.data() + r0 * H, H, head, H, 0.0,
+           local_logits_.data(), V);
+    model_.vocab_parallel_losses(local_logits_.data(), targets + r0, targets_dev_.data() + r0,
+                                 rows, loss_stats_.data(), losses + r0);
   }
-  if (keep_last_logits) {  // after the scoring blocks, which also use logits_
-    k.gemm(false, true, 1, V, H, 1.0, normed_.data() + (n - 1) * H, H, head, H, 0.0,
-           logits_.data(), V);
-    have_logits_ = true;
-  }
+}
+
+template <typename T>
+void FreqKVDecoder<T>::last_row_logits(int64_t n) {
+  Kernels<T>& k = kernels_;
+  const int64_t H = config_.hidden_size, V = vocab_local_;
+  T* last = normed_.data() + (n - 1) * H;
+  k.rmsnorm_forward(last, rstd_.data(), hidden_.data() + (n - 1) * H,
+                    model_.param(model_.final_norm_index_), 1, H, config_.rms_norm_eps);
+  const T* head = model_.param(model_.lm_head_index_);
+  // Rank r computes the logits of ids [r V/tp, (r+1) V/tp): gathered in rank order, the slices
+  // are the whole vocabulary in order.
+  T* slice = tp_ ? local_logits_.data() : logits_.data();
+  k.gemm(false, true, 1, V, H, 1.0, last, H, head, H, 0.0, slice, V);
+  if (tp_) tp_->all_gather(slice, logits_.data(), V);
+  have_logits_ = true;
 }
 
 template class FreqKVDecoder<float>;

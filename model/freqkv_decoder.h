@@ -23,10 +23,17 @@
 // point where the cache is full (where training's chunks end), and into pieces of at most
 // max_chunk_tokens rows to bound the scratch memory; either cut leaves the result exact.
 //
-// Single rank only: a model built with tensor or sequence parallelism is refused.
+// Tensor parallelism (a model built with ModelParallel::tp over tp ranks; every rank of the group
+// makes the same calls): each rank holds the cache of its Hkv/tp key/value heads and attends with
+// its Hq/tp query heads; q/k/v and gate/up are column-parallel on its shard, o and down
+// row-parallel followed by the tp all-reduce, the embedding vocabulary-parallel. prefill/step
+// all-gather the logits slices, so every rank returns all vocab_size logits; score() combines the
+// ranks' log-sum-exps and never gathers the logits. The layer math is LlamaModel's own
+// (linear_forward with LoRA, row_parallel_forward, embedding_lookup, vocab_parallel_losses): only
+// the cache-aware attention is the decoder's. Sequence parallelism is refused: it splits a
+// sequence's chunks over ranks, and a decoder holds one cache and appends one chunk at a time.
 #pragma once
 
-#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -69,20 +76,16 @@ class FreqKVDecoder {
   int64_t tokens_seen() const { return tokens_seen_; }     // since reset()
   int64_t compressions() const { return compressions_; }  // since reset()
   const FreqKVConfig& freqkv_config() const { return freqkv_; }
-  // Bytes of the cache as allocated now (all layers): the fixed 3·C rows with FreqKV, the
-  // current capacity (which doubles as the sequence grows) without.
+  // Bytes of the cache as allocated now (all layers, this rank's heads): the fixed 3·C rows with
+  // FreqKV, the current capacity (which doubles as the sequence grows) without.
   int64_t cache_bytes() const;
+  // Under tensor parallelism: the token of tp rank 0, on every rank. Generation samples on every
+  // rank from identical logits, and appends rank 0's choice everywhere so that the ranks' caches
+  // can never diverge (one broadcast of one id per token). Without: `token`.
+  int32_t agree_on_token(int32_t token);
+  int tp_size() const { return tp_size_; }
 
  private:
-  enum LinearId { kQ, kK, kV, kO, kGate, kUp, kDown, kLinearCount };
-  struct Linear {
-    int64_t weight = -1, lora_a = -1, lora_b = -1;  // parameter indices (-1: no adapter)
-    int64_t in = 0, out = 0;
-  };
-  struct LayerWeights {
-    int64_t input_norm = -1, post_norm = -1;
-    std::array<Linear, kLinearCount> linear;
-  };
   struct LayerCache {
     Buffer<T> keys;          // pre-RoPE keys [capacity, Hkv·D] (FreqKV only: compression input)
     Buffer<T> rotated_keys;  // keys rotated with their row positions [capacity, Hkv·D]
@@ -95,24 +98,24 @@ class FreqKVDecoder {
   // One pass of n new tokens that fit in the cache without a compression.
   void run_chunk(const int32_t* tokens, const int32_t* targets, int64_t n, double* losses,
                  bool keep_last_logits);
+  void run_layer(size_t l, int64_t n);  // hidden_ (x) -> hidden_, through mid_
+  void score_rows(const int32_t* targets, int64_t n, double* losses);
+  void last_row_logits(int64_t n);    // -> logits_ (the whole vocabulary, on every rank)
   void compress_cache();                // rows [S, C) -> L rows, per layer
   void ensure_capacity(int64_t rows);   // without FreqKV: grow the cache geometrically
   void ensure_scratch(int64_t n);
-  // y = beta * y + x W^T (+ LoRA), for n rows.
-  void linear(const Linear& lin, const T* x, int64_t ld_x, T* y, int64_t ld_y, double beta,
-              int64_t n);
   std::vector<float> logits_to_host();
 
   LlamaModel<T>& model_;
   Kernels<T>& kernels_;
   ModelConfig config_;
   FreqKVConfig freqkv_;
-  double lora_scaling_ = 0;
-  int64_t lora_rank_ = 0;
   int64_t max_chunk_tokens_;
-  int64_t embed_index_ = -1, final_norm_index_ = -1, lm_head_index_ = -1;
-  std::vector<LayerWeights> layers_;
-  int64_t q_width_ = 0, kv_width_ = 0;  // Hq·D and Hkv·D (one of K or V)
+  Communicator* tp_ = nullptr;  // the model's tp group (nullptr: one rank)
+  int tp_size_ = 1;
+  // This rank's share: Hq/tp and Hkv/tp heads, I/tp FFN columns, V/tp vocabulary rows.
+  int64_t q_heads_ = 0, kv_heads_ = 0, ffn_width_ = 0, vocab_local_ = 0;
+  int64_t q_width_ = 0, kv_width_ = 0;  // q_heads·D and kv_heads·D (one of K or V)
 
   std::vector<LayerCache> cache_;
   int64_t capacity_ = 0;  // rows allocated per layer
@@ -125,13 +128,16 @@ class FreqKVDecoder {
 
   // Scratch of one chunk (sized for the largest chunk so far).
   int64_t scratch_rows_ = 0;
-  Buffer<T> hidden_, normed_, q_, att_, gate_, up_, swiglu_, lora_xa_;
+  Buffer<T> hidden_, mid_, normed_, q_, att_, gate_, up_, swiglu_, lora_xa_;
   Buffer<Acc<T>> rstd_, lse_;
   Buffer<int32_t> tokens_dev_, targets_dev_, positions_dev_;
-  // The classifier, in blocks of rows.
+  Buffer<int64_t> embed_rows_;  // vocabulary-parallel lookup: each token's local row or -1
+  Buffer<int32_t> token_dev_;   // agree_on_token's one id
+  // The classifier, in blocks of rows of this rank's vocabulary slice.
   static constexpr int64_t kClassifierRows = 128;
-  Buffer<T> logits_;
-  Buffer<Acc<T>> losses_dev_;
+  Buffer<T> local_logits_;     // [kClassifierRows, V/tp]
+  Buffer<T> logits_;           // [V]: the last prefill/step's logits, gathered over tp
+  Buffer<Acc<T>> loss_stats_;  // vocab_parallel_losses' scratch
 };
 
 }  // namespace freqkv

@@ -864,3 +864,81 @@ template class LlamaModel<double>;
 template class LlamaModel<bf16>;  // the CUDA backend's
 
 }  // namespace freqkv
+
+// ---- for inference: defined after the class's explicit instantiations above, so each is
+// instantiated below for the same element types ------------------------------------------------
+namespace freqkv {
+
+template <typename T>
+int64_t LlamaModel<T>::release_grads() {
+  const int64_t bytes = grads_.size() * static_cast<int64_t>(sizeof(T));
+  grads_ = Buffer<T>();
+  have_grad_state_ = false;
+  return bytes;
+}
+
+template <typename T>
+void LlamaModel<T>::embedding_lookup(const int32_t* tokens, const int32_t* tokens_dev,
+                                     int64_t n_tokens, T* out, Buffer<int64_t>& row_map) {
+  const int64_t H = config_.hidden_size;
+  Kernels<T>& k = kernels_;
+  if (tp_size_ == 1) {
+    k.embedding_forward(out, param(embed_index_), tokens_dev, n_tokens, H);
+    return;
+  }
+  // Vocabulary-parallel: each rank looks up the tokens it holds, the sum is the lookup.
+  std::vector<int64_t> rows(static_cast<size_t>(n_tokens));
+  for (int64_t n = 0; n < n_tokens; ++n) {
+    const int64_t row = tokens[n] - vocab_begin_;
+    rows[n] = row >= 0 && row < vocab_local_ ? row : -1;
+  }
+  if (row_map.size() != n_tokens) row_map = Buffer<int64_t>(kernels_, n_tokens);
+  k.copy_to_device(row_map.data(), rows.data(), static_cast<size_t>(n_tokens) * sizeof(int64_t));
+  k.fill_zero(out, static_cast<size_t>(n_tokens * H) * sizeof(T));
+  k.gather_rows(out, H, param(embed_index_), H, row_map.data(), n_tokens, H);
+  parallel_.tp->all_reduce_sum(out, n_tokens * H);
+}
+
+template <typename T>
+void LlamaModel<T>::vocab_parallel_losses(T* logits, const int32_t* targets,
+                                          const int32_t* targets_dev, int64_t rows,
+                                          Acc<T>* stats, double* losses) {
+  const int64_t V = vocab_local_;
+  Kernels<T>& k = kernels_;
+  std::vector<Acc<T>> host(static_cast<size_t>(rows * (tp_size_ + 1)));
+  if (tp_size_ == 1) {
+    k.cross_entropy(stats, logits, V, targets_dev, rows, V, 0.0);
+    k.copy_to_host(host.data(), stats, static_cast<size_t>(rows) * sizeof(Acc<T>));
+    for (int64_t n = 0; n < rows; ++n) losses[n] = static_cast<double>(host[n]);
+    return;
+  }
+  // stats: [rows] local lse | [tp][rows] every rank's lse | [rows] target logit (summed).
+  Acc<T>* lse = stats;
+  Acc<T>* lse_all = stats + rows;
+  Acc<T>* target_logit = lse_all + rows * tp_size_;
+  k.cross_entropy_stats(lse, target_logit, logits, V, targets_dev, rows, V, vocab_begin_);
+  parallel_.tp->all_gather(lse, lse_all, rows);
+  parallel_.tp->all_reduce_sum(target_logit, rows);
+  k.copy_to_host(host.data(), lse_all, host.size() * sizeof(Acc<T>));  // lse_all, target_logit
+  const Acc<T>* target = host.data() + rows * tp_size_;
+  for (int64_t n = 0; n < rows; ++n) {
+    double m = static_cast<double>(host[n]);
+    for (int r = 1; r < tp_size_; ++r) m = std::max(m, static_cast<double>(host[r * rows + n]));
+    double sum = 0;
+    for (int r = 0; r < tp_size_; ++r) sum += std::exp(static_cast<double>(host[r * rows + n]) - m);
+    losses[n] = targets[n] >= 0 ? m + std::log(sum) - static_cast<double>(target[n]) : 0.0;
+  }
+}
+
+#define FREQKV_INSTANTIATE_INFERENCE_HELPERS(T)                                                 \
+  template int64_t LlamaModel<T>::release_grads();                                              \
+  template void LlamaModel<T>::embedding_lookup(const int32_t*, const int32_t*, int64_t, T*,    \
+                                                Buffer<int64_t>&);                              \
+  template void LlamaModel<T>::vocab_parallel_losses(T*, const int32_t*, const int32_t*, int64_t, \
+                                                     Acc<T>*, double*);
+FREQKV_INSTANTIATE_INFERENCE_HELPERS(float)
+FREQKV_INSTANTIATE_INFERENCE_HELPERS(double)
+FREQKV_INSTANTIATE_INFERENCE_HELPERS(bf16)
+#undef FREQKV_INSTANTIATE_INFERENCE_HELPERS
+
+}  // namespace freqkv

@@ -139,6 +139,35 @@ class LlamaModel {
   using GradReadyHook = std::function<void(int64_t offset, int64_t count)>;
   void set_grad_ready_hook(GradReadyHook hook) { grad_ready_hook_ = std::move(hook); }
 
+  // ---- for inference (FreqKVDecoder runs the layers itself, with its cache-aware attention,
+  // but through this model's projections, tp collectives, embedding and classifier statistics;
+  // it is a friend for linear_forward, row_parallel_forward and the layer parameters) ----------
+  template <typename U>
+  friend class FreqKVDecoder;
+  // Frees the gradient arena, which only training uses (as much memory as the weights). After
+  // it, gradients are gone for good: backward(), forward() with grad_scale != 0, zero_grads()
+  // and grad()/grads() must not be used. Returns the bytes freed.
+  int64_t release_grads();
+  // out[n, :] = the embedding of tokens[n] for n < n_tokens (tokens: host ids, tokens_dev: the
+  // same ids on the device). Vocabulary-parallel under tp: each rank gathers the rows of its
+  // vocabulary slice (row_map, device scratch resized to n_tokens, is left holding each token's
+  // local row or -1), zeros the others, and an all-reduce over tp sums the ranks' lookups. A
+  // collective of the tp group.
+  void embedding_lookup(const int32_t* tokens, const int32_t* tokens_dev, int64_t n_tokens,
+                        T* out, Buffer<int64_t>& row_map);
+  // This rank's vocabulary slice of the LM head: logits of ids [vocab_begin(), + vocab_local()).
+  int64_t vocab_begin() const { return vocab_begin_; }
+  int64_t vocab_local() const { return vocab_local_; }
+  // losses[n] = -log softmax(logits of row n over the whole vocabulary)[targets[n]] (0 where
+  // targets[n] < 0) for `rows` rows of this rank's logits slice (row stride vocab_local();
+  // targets: host ids, targets_dev: the same on the device). Under tp the ranks' log-sum-exps
+  // and the owner's target logit are combined (cross_entropy_stats, then an all-gather and an
+  // all-reduce of `rows` numbers each): the full logits are never gathered. stats: device
+  // scratch of at least rows * (tp + 2) elements. The logits may be overwritten. A collective
+  // of the tp group.
+  void vocab_parallel_losses(T* logits, const int32_t* targets, const int32_t* targets_dev,
+                             int64_t rows, Acc<T>* stats, double* losses);
+
  private:
   // One projection y = x W^T (+ LoRA), by parameter indices (-1: no adapter).
   enum LinearId { kQ, kK, kV, kO, kGate, kUp, kDown, kLinearCount };

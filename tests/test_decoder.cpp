@@ -5,7 +5,7 @@
 //   - the cache never holds more than C rows, and holds exactly the rows of training's chunk;
 //   - prefill (chunk-wise, any chunk size) and score equal step-by-step decoding and forward;
 //   - FreqKV disabled is plain causal attention, with a cache growing past C;
-//   - tensor/sequence-parallel models are refused;
+//   - sequence-parallel models are refused (tensor parallelism: test_decoder_tp.cpp, mpirun);
 // and the sampler: deterministic per seed, top-k = 1, tiny top-p and temperature 0 are greedy.
 #include <gtest/gtest.h>
 
@@ -271,19 +271,10 @@ class TwoRankGroup : public Communicator {
   }
 };
 
-TEST(FreqKVDecoder, RefusesTensorAndSequenceParallelModels) {
+TEST(FreqKVDecoder, RefusesSequenceParallelModelsAndTakesTensorParallelOnes) {
   const ModelConfig config = tiny_config(2, /*vocab=*/14);  // divisible by tp = 2
   CpuKernels<double> kernels;
   TwoRankGroup group;
-  ModelParallel tp;
-  tp.tp = &group;
-  LlamaModel<double> tp_model(config, freqkv_config(8, 2, 0.5), kernels, LoraConfig(), tp);
-  try {
-    FreqKVDecoder<double> decoder(tp_model);
-    FAIL() << "a tensor-parallel model was accepted";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("tensor parallelism"), std::string::npos) << e.what();
-  }
   ModelParallel sp;
   sp.sp = &group;
   LlamaModel<double> sp_model(config, freqkv_config(8, 2, 0.5), kernels, LoraConfig(), sp);
@@ -293,6 +284,35 @@ TEST(FreqKVDecoder, RefusesTensorAndSequenceParallelModels) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("sequence parallelism"), std::string::npos) << e.what();
   }
+  // Tensor parallelism is decoded (tests/test_decoder_tp.cpp runs it under mpirun); building the
+  // decoder needs no collective, and its cache holds this rank's half of the kv heads.
+  ModelParallel tp;
+  tp.tp = &group;
+  LlamaModel<double> tp_model(config, freqkv_config(8, 2, 0.5), kernels, LoraConfig(), tp);
+  FreqKVDecoder<double> tp_decoder(tp_model);
+  LlamaModel<double> model(config, freqkv_config(8, 2, 0.5), kernels);
+  FreqKVDecoder<double> decoder(model);
+  EXPECT_EQ(tp_decoder.cache_bytes() * 2, decoder.cache_bytes());
+  EXPECT_EQ(tp_decoder.tp_size(), 2);
+}
+
+TEST(FreqKVDecoder, InferenceModelsNeedNoGradientArena) {
+  const ModelConfig config = tiny_config(2);
+  CpuKernels<double> kernels;
+  LlamaModel<double> model(config, freqkv_config(8, 2, 0.5), kernels);
+  init_model(model, 4);
+  const std::vector<int32_t> tokens = random_tokens(20, config.vocab_size, 2);
+  FreqKVDecoder<double> decoder(model);
+  const std::vector<double> before = decoder.score(tokens, tokens);
+  EXPECT_EQ(model.release_grads(), model.arena_numel() * static_cast<int64_t>(sizeof(double)));
+  EXPECT_EQ(model.release_grads(), 0);  // already gone
+  decoder.reset();
+  const std::vector<double> after = decoder.score(tokens, tokens);
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(after[i], before[i]) << "position " << i;
+  // Evaluating with the training forward needs no gradient either.
+  std::vector<int32_t> targets(tokens.begin() + 1, tokens.end());
+  targets.push_back(-1);
+  EXPECT_GT(model.forward(tokens.data(), targets.data(), 1, 20, 0.0).count, 0);
 }
 
 // ---- sampling ----------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ std::vector<int32_t> generate_tokens(FreqKVDecoder<T>& decoder, const std::vecto
   s.peak_cache_rows = decoder.peak_cache_rows();
   std::vector<int32_t> generated;
   while (static_cast<int64_t>(generated.size()) < max_new_tokens) {
-    const int32_t token = sampler.next(logits);
+    // Every tp rank samples (keeping the samplers in step); rank 0's token is appended.
+    const int32_t token = decoder.agree_on_token(sampler.next(logits));
     generated.push_back(token);
     if (on_token) on_token(token);
     if (stop_token >= 0 && token == stop_token) {
