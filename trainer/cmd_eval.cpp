@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "comm/mpi_communicator.h"
 #include "data/token_file.h"
 #include "trainer/inference/perplexity.h"
 #include "trainer/inference/progress.h"
@@ -55,10 +56,15 @@ nlohmann::json result_json(const PerplexityResult& r, int64_t buckets) {
           {"buckets", bucket_list}};
 }
 
+// Under --tp every rank scores every window with its shard of the model (the losses are the
+// same on all ranks); only world rank 0 prints and writes the JSON.
 template <typename T>
 int eval_with(const InferenceSetup& setup, const EvalOptions& o, const TokenFile& tokens,
-              const std::vector<PerplexityPlan>& plans, Kernels<T>& kernels) {
-  const std::unique_ptr<LlamaModel<T>> model = load_inference_model(setup, kernels);
+              const std::vector<PerplexityPlan>& plans, const ParallelGrid& grid,
+              Kernels<T>& kernels) {
+  const bool main_rank = grid.world_rank() == 0;
+  const std::unique_ptr<LlamaModel<T>> model =
+      load_inference_model(setup, kernels, inference_tp_group(grid));
   struct Mode {
     std::string name;
     FreqKVConfig attention;
@@ -70,11 +76,17 @@ int eval_with(const InferenceSetup& setup, const EvalOptions& o, const TokenFile
     full.enabled = false;
     modes.push_back({"full", full});
   }
-  std::fprintf(stderr, "freqkv eval: %s, %lld parameters, backend %s; %s%s; protocol %s, stride %lld\n",
-               setup.source().c_str(), static_cast<long long>(model->param_table().total_numel()),
-               kernels.name().c_str(), describe_attention(setup.freqkv).c_str(),
-               setup.freqkv.enabled && o.compare_full ? ", and full attention" : "",
-               perplexity_protocol_name(o.protocol), static_cast<long long>(o.stride));
+  if (main_rank)
+    std::fprintf(stderr,
+                 "freqkv eval: %s, %lld parameters, backend %s%s; %s%s; protocol %s, stride %lld\n",
+                 setup.source().c_str(), static_cast<long long>(model->param_table().total_numel()),
+                 kernels.name().c_str(),
+                 setup.tp > 1 ? (", tensor parallel over " + std::to_string(setup.tp) + " ranks")
+                                    .c_str()
+                              : "",
+                 describe_attention(setup.freqkv).c_str(),
+                 setup.freqkv.enabled && o.compare_full ? ", and full attention" : "",
+                 perplexity_protocol_name(o.protocol), static_cast<long long>(o.stride));
 
   const TokenReader read = [&tokens](int64_t start, int64_t count, int32_t* out) {
     tokens.read(start, count, out);
@@ -95,12 +107,14 @@ int eval_with(const InferenceSetup& setup, const EvalOptions& o, const TokenFile
       results[i].push_back(evaluate_perplexity(
           decoder, read, plan, o.buckets, [&](int64_t done) {
             work_done = before + done * (plan.seq_len - 1);
-            progress.update(work_done, "length " + std::to_string(plan.seq_len) + " " + mode.name +
+            if (main_rank)
+              progress.update(work_done, "length " + std::to_string(plan.seq_len) + " " + mode.name +
                                            " window " + std::to_string(done) + "/" +
                                            std::to_string(windows));
           }));
     }
   }
+  if (!main_rank) return 0;
   progress.finish();
 
   // The table of perplexity by length.
@@ -246,8 +260,10 @@ int run_eval(const std::vector<std::string>& args) {
                        std::to_string(length - 1) + " predictions of a window of length " +
                        std::to_string(length));
   }
+  MpiSession mpi;
+  const std::unique_ptr<ParallelGrid> grid = make_inference_grid(setup);
   return with_inference_backend(
-      setup, [&](auto& kernels) { return eval_with(setup, o, tokens, plans, kernels); });
+      setup, [&](auto& kernels) { return eval_with(setup, o, tokens, plans, *grid, kernels); });
 }
 
 }  // namespace freqkv

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "comm/mpi_communicator.h"
 #include "trainer/inference/generation.h"
 #include "trainer/commands.h"
 #include "trainer/inference_setup.h"
@@ -50,22 +51,31 @@ std::vector<int32_t> read_prompt_ids(const std::string& path) {
   return ids;
 }
 
+// Under --tp every rank decodes its shard of the model and takes the same tokens (rank 0's,
+// broadcast); only world rank 0 prints.
 template <typename T>
 int generate_with(const InferenceSetup& setup, const GenerateOptions& o, const Tokenizer* tokenizer,
-                  int32_t eos, Kernels<T>& kernels) {
-  const std::unique_ptr<LlamaModel<T>> model = load_inference_model(setup, kernels);
+                  int32_t eos, const ParallelGrid& grid, Kernels<T>& kernels) {
+  const bool main_rank = grid.world_rank() == 0;
+  const std::unique_ptr<LlamaModel<T>> model =
+      load_inference_model(setup, kernels, inference_tp_group(grid));
   FreqKVDecoder<T> decoder(*model, setup.freqkv, setup.max_chunk_tokens);
   TokenSampler sampler(o.sampling, o.seed);
-  std::fprintf(stderr, "freqkv generate: %s, backend %s; %s; %s, seed %llu\n",
-               setup.source().c_str(), kernels.name().c_str(),
-               describe_attention(setup.freqkv).c_str(), o.sampling.describe().c_str(),
-               static_cast<unsigned long long>(o.seed));
+  if (main_rank)
+    std::fprintf(stderr, "freqkv generate: %s, backend %s%s; %s; %s, seed %llu\n",
+                 setup.source().c_str(), kernels.name().c_str(),
+                 setup.tp > 1 ? (", tensor parallel over " + std::to_string(setup.tp) + " ranks")
+                                    .c_str()
+                              : "",
+                 describe_attention(setup.freqkv).c_str(), o.sampling.describe().c_str(),
+                 static_cast<unsigned long long>(o.seed));
 
   // Text is printed as it is generated: the decoded text of all tokens so far, minus what was
   // printed (a token may end inside a UTF-8 character; the next one completes it).
   std::vector<int32_t> so_far;
   std::string printed;
   const auto print_token = [&](int32_t token) {
+    if (!main_rank) return;
     so_far.push_back(token);
     if (o.print_ids) {
       std::printf("%s%d", so_far.size() > 1 ? " " : "", token);
@@ -81,6 +91,7 @@ int generate_with(const InferenceSetup& setup, const GenerateOptions& o, const T
   GenerationStats stats;
   generate_tokens(decoder, o.prompt, o.max_new_tokens, sampler, o.stop_at_eos ? eos : -1, &stats,
                   print_token);
+  if (!main_rank) return 0;
   std::printf("\n");
   std::fflush(stdout);
 
@@ -96,13 +107,14 @@ int generate_with(const InferenceSetup& setup, const GenerateOptions& o, const T
                rate(static_cast<double>(stats.decode_steps), stats.decode_seconds));
   std::fprintf(stderr,
                "freqkv generate: cache %lld rows at the end, peak %lld%s; compressions: %lld; "
-               "%.1f MiB of cache\n",
+               "%.1f MiB of cache%s\n",
                static_cast<long long>(stats.final_cache_rows),
                static_cast<long long>(stats.peak_cache_rows),
                setup.freqkv.enabled ? (" (bound C = " + std::to_string(setup.freqkv.cache) + ")").c_str()
                                     : " (no bound: FreqKV off)",
                static_cast<long long>(stats.compressions),
-               static_cast<double>(decoder.cache_bytes()) / (1024.0 * 1024.0));
+               static_cast<double>(decoder.cache_bytes()) / (1024.0 * 1024.0),
+               setup.tp > 1 ? " per rank (its heads)" : "");
   return 0;
 }
 
@@ -176,8 +188,10 @@ int run_generate(const std::vector<std::string>& args) {
                           : static_cast<int32_t>(setup.config.eos_token_id);
   if (o.stop_at_eos && eos < 0)
     throw UsageError("--stop-at-eos: neither the tokenizer nor the model config names an EOS");
+  MpiSession mpi;
+  const std::unique_ptr<ParallelGrid> grid = make_inference_grid(setup);
   return with_inference_backend(setup, [&](auto& kernels) {
-    return generate_with(setup, o, tokenizer.get(), eos, kernels);
+    return generate_with(setup, o, tokenizer.get(), eos, *grid, kernels);
   });
 }
 

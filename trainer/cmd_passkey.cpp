@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "comm/mpi_communicator.h"
 #include "trainer/inference/generation.h"
 #include "trainer/inference/passkey.h"
 #include "trainer/inference/progress.h"
@@ -86,9 +87,12 @@ struct Trial {
   bool correct = false;
 };
 
+// Under --tp every rank decodes every prompt with its shard of the model (taking rank 0's
+// tokens); only world rank 0 prints and writes the JSON and the PNG.
 template <typename T>
 int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tokenizer& tokenizer,
-                 Kernels<T>& kernels) {
+                 const ParallelGrid& grid, Kernels<T>& kernels) {
+  const bool main_rank = grid.world_rank() == 0;
   // Build every prompt first: a length too short for the prompt fails before any decoding.
   std::vector<Trial> trials;
   std::vector<std::vector<int32_t>> prompts;
@@ -112,12 +116,17 @@ int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tok
         prompts.push_back(std::move(prompt.tokens));
       }
 
-  const std::unique_ptr<LlamaModel<T>> model = load_inference_model(setup, kernels);
+  const std::unique_ptr<LlamaModel<T>> model =
+      load_inference_model(setup, kernels, inference_tp_group(grid));
   FreqKVDecoder<T> decoder(*model, setup.freqkv, setup.max_chunk_tokens);
-  std::fprintf(stderr, "freqkv passkey: %s, backend %s; %s; %s; %zu prompts\n",
-               setup.source().c_str(), kernels.name().c_str(),
-               describe_attention(setup.freqkv).c_str(), tokenizer.description().c_str(),
-               trials.size());
+  if (main_rank)
+    std::fprintf(stderr, "freqkv passkey: %s, backend %s%s; %s; %s; %zu prompts\n",
+                 setup.source().c_str(), kernels.name().c_str(),
+                 setup.tp > 1 ? (", tensor parallel over " + std::to_string(setup.tp) + " ranks")
+                                    .c_str()
+                              : "",
+                 describe_attention(setup.freqkv).c_str(), tokenizer.description().c_str(),
+                 trials.size());
   SamplingConfig greedy;
   int64_t total_tokens = 0, done_tokens = 0;
   for (const auto& prompt : prompts) total_tokens += static_cast<int64_t>(prompt.size());
@@ -131,6 +140,7 @@ int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tok
     trial.answer = first_digit_run(trial.generated);
     trial.correct = trial.answer == trial.passkey;
     done_tokens += static_cast<int64_t>(prompts[i].size());
+    if (!main_rank) continue;
     if (o.verbose)
       std::fprintf(stderr, "length %lld depth %.2f trial %lld: key %s, answer '%s'%s\n",
                    static_cast<long long>(trial.length), trial.depth,
@@ -141,6 +151,7 @@ int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tok
                                        std::to_string(i + 1) + "/" +
                                        std::to_string(trials.size()));
   }
+  if (!main_rank) return 0;
   if (!o.verbose) progress.finish();
 
   // accuracy[length][depth], and the mean prompt length of each row.
@@ -202,7 +213,9 @@ int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tok
                                 {"mean_prompt_tokens", mean_tokens},
                                 {"trials", trial_list}};
     std::ofstream file(o.json_path);
-    if (!(file << out.dump(2) << "\n"))
+    // A model's answer may be any bytes, not UTF-8 (an untrained model, a token ending inside
+    // a character): invalid sequences are written as U+FFFD rather than failing the run.
+    if (!(file << out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n"))
       throw std::runtime_error("cannot write the passkey results to " + o.json_path);
     std::fprintf(stderr, "freqkv passkey: results written to %s\n", o.json_path.c_str());
   }
@@ -273,8 +286,10 @@ int run_passkey(const std::vector<std::string>& args) {
   if (!o.png_path.empty() && !std::filesystem::exists(o.plot_script))
     throw UsageError("--png: the heat map script " + o.plot_script +
                      " does not exist (give --plot-script)");
+  MpiSession mpi;
+  const std::unique_ptr<ParallelGrid> grid = make_inference_grid(setup);
   return with_inference_backend(
-      setup, [&](auto& kernels) { return passkey_with(setup, o, *tokenizer, kernels); });
+      setup, [&](auto& kernels) { return passkey_with(setup, o, *tokenizer, *grid, kernels); });
 }
 
 }  // namespace freqkv

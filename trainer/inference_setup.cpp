@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "comm/mpi_communicator.h"
 #include "model/hf_checkpoint.h"
 #include "model/hf_config.h"
 #include "trainer/checkpoint_dir.h"
@@ -32,6 +33,8 @@ void add_inference_options(ArgParser& p, bool with_tokenizer) {
   p.option("device", "D", "cpu or cuda", "cpu");
   p.option("precision", "P", "fp32 or fp64 on the CPU; bf16 on CUDA",
            "fp32 (cpu), bf16 (cuda)");
+  p.option("tp", "N", "tensor-parallel ranks: run under mpirun -np N; each rank holds 1/N of the "
+                      "heads, FFN columns and vocabulary, and its heads' cache", "1");
   p.option("max-chunk", "N", "tokens per pass when reading a prompt or a window (bounds scratch "
                              "memory; the result does not depend on it)",
            "1024");
@@ -114,13 +117,45 @@ InferenceSetup resolve_inference_setup(const ArgParser& p) {
                      setup.precision + "'");
   setup.max_chunk_tokens = p.get_int("max-chunk");
   if (setup.max_chunk_tokens < 1) throw UsageError("--max-chunk must be >= 1");
+  const int64_t tp = p.get_int("tp");
+  if (tp < 1) throw UsageError("--tp must be >= 1, got " + std::to_string(tp));
+  setup.tp = static_cast<int>(tp);
+  if (setup.tp > 1 && setup.device == "cuda")
+    throw UsageError("--tp " + std::to_string(tp) + " with --device cuda: the inference commands "
+                     "decode on one GPU (one rank) in this version; use --tp 1, or --device cpu "
+                     "under mpirun");
   return setup;
+}
+
+std::unique_ptr<ParallelGrid> make_inference_grid(const InferenceSetup& setup) {
+  // Only a tp dimension: every rank holds a shard of the one model, none a copy of it.
+  const int world = MpiSession::active() ? MpiSession::world_size() : 1;
+  if (world != setup.tp)
+    throw UsageError("--tp " + std::to_string(setup.tp) + " but " + std::to_string(world) +
+                     " rank(s) were started: the inference commands split the model over all "
+                     "ranks, so run with mpirun -np equal to --tp");
+  return make_grid(GridShape{setup.tp, 1, 1});
+}
+
+Communicator* inference_tp_group(const ParallelGrid& grid) {
+  return grid.tp().size() > 1 ? &grid.tp() : nullptr;
 }
 
 template <typename T>
 std::unique_ptr<LlamaModel<T>> load_inference_model(const InferenceSetup& setup,
-                                                    Kernels<T>& kernels) {
-  auto model = std::make_unique<LlamaModel<T>>(setup.config, setup.freqkv, kernels, setup.lora);
+                                                    Kernels<T>& kernels, Communicator* tp) {
+  ModelParallel parallel;
+  parallel.tp = tp;
+  std::unique_ptr<LlamaModel<T>> model;
+  try {
+    model = std::make_unique<LlamaModel<T>>(setup.config, setup.freqkv, kernels, setup.lora,
+                                            parallel);
+  } catch (const std::invalid_argument& e) {
+    if (tp == nullptr) throw;
+    throw UsageError(std::string(e.what()) + " (--tp " + std::to_string(tp->size()) + ")");
+  }
+  // Inference never trains: the gradient arena (as large as the weights) is not kept.
+  model->release_grads();
   if (!setup.model_dir.empty())
     load_hf_weights(*model, SafetensorsReader::open_model_dir(setup.model_dir));
   else
@@ -138,12 +173,12 @@ std::unique_ptr<Tokenizer> load_inference_tokenizer(const ArgParser& p,
 }
 
 template std::unique_ptr<LlamaModel<float>> load_inference_model(const InferenceSetup&,
-                                                                 Kernels<float>&);
+                                                                 Kernels<float>&, Communicator*);
 template std::unique_ptr<LlamaModel<double>> load_inference_model(const InferenceSetup&,
-                                                                  Kernels<double>&);
+                                                                  Kernels<double>&, Communicator*);
 #if defined(FREQKV_HAVE_CUDA)
 template std::unique_ptr<LlamaModel<bf16>> load_inference_model(const InferenceSetup&,
-                                                                Kernels<bf16>&);
+                                                                Kernels<bf16>&, Communicator*);
 #endif
 
 }  // namespace freqkv

@@ -1,5 +1,6 @@
 // What the inference commands (generate, eval, passkey) share: where the model comes from
-// (--model DIR | --checkpoint PATH), its tokenizer, the FreqKV cache settings, the backend.
+// (--model DIR | --checkpoint PATH), its tokenizer, the FreqKV cache settings, the backend, and
+// the ranks (--tp N under `mpirun -np N`: the model split by tensor parallelism).
 #pragma once
 
 #include <cstdint>
@@ -7,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "comm/parallel_grid.h"
 #include "data/tokenizer.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/llama_model.h"
@@ -18,7 +20,7 @@
 namespace freqkv {
 
 // Declares --model, --checkpoint, --cache, --sink, --ratio, --no-freqkv, --device, --precision,
-// --max-chunk, and --tokenizer when with_tokenizer.
+// --max-chunk, --tp, and --tokenizer when with_tokenizer.
 void add_inference_options(ArgParser& p, bool with_tokenizer);
 
 struct InferenceSetup {
@@ -32,6 +34,7 @@ struct InferenceSetup {
   std::string device = "cpu";   // cpu | cuda
   std::string precision = "fp32";
   int64_t max_chunk_tokens = 1024;
+  int tp = 1;                   // tensor-parallel ranks (the world: mpirun -np tp)
 
   std::string source() const;  // "model DIR" or "checkpoint PATH (step N)"
 };
@@ -41,10 +44,21 @@ struct InferenceSetup {
 // max_position_embeddings, sink 4 and ratio 0.5. Throws UsageError for contradictory options.
 InferenceSetup resolve_inference_setup(const ArgParser& p);
 
-// The model with its weights loaded (a checkpoint's LoRA factors included, applied by the model).
+// The grid of an inference command: tp = --tp, and the world must be exactly tp ranks (the
+// commands split the model, not the work). Collective over the world; needs an active
+// MpiSession when started by mpirun. Throws UsageError naming --tp and mpirun -np when they
+// differ, and for --device cuda with --tp > 1.
+std::unique_ptr<ParallelGrid> make_inference_grid(const InferenceSetup& setup);
+// The grid's tp group when it has more than one rank, else nullptr (a single-rank model).
+Communicator* inference_tp_group(const ParallelGrid& grid);
+
+// The model with its weights loaded (a checkpoint's LoRA factors included, applied by the model),
+// split over `tp` when given (every rank of it calls this together), without a gradient arena
+// (LlamaModel::release_grads: inference never trains). Throws UsageError naming --tp when the
+// model's heads, FFN columns or vocabulary do not divide by it.
 template <typename T>
 std::unique_ptr<LlamaModel<T>> load_inference_model(const InferenceSetup& setup,
-                                                    Kernels<T>& kernels);
+                                                    Kernels<T>& kernels, Communicator* tp = nullptr);
 
 // --tokenizer, else the model directory when it holds tokenizer.json; nullptr when neither.
 std::unique_ptr<Tokenizer> load_inference_tokenizer(const ArgParser& p,
