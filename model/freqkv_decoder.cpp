@@ -217,26 +217,6 @@ int32_t FreqKVDecoder<T>::agree_on_token(int32_t token) {
   return token;
 }
 
-namespace {
-
-// LlamaModel's projections size their GEMMs by the rows of the model's current batch
-// (n_tokens_). The decoder runs them on its chunk's n rows and restores the model's count
-// afterwards, so that a later LlamaModel::forward, which reuses the activations it prepared when
-// the shape is unchanged, sees its own.
-class ScopedRows {
- public:
-  ScopedRows(int64_t& rows, int64_t n) : rows_(rows), saved_(rows) { rows_ = n; }
-  ~ScopedRows() { rows_ = saved_; }
-  ScopedRows(const ScopedRows&) = delete;
-  ScopedRows& operator=(const ScopedRows&) = delete;
-
- private:
-  int64_t& rows_;
-  int64_t saved_;
-};
-
-}  // namespace
-
 template <typename T>
 void FreqKVDecoder<T>::run_chunk(const int32_t* tokens, const int32_t* targets, int64_t n,
                                  double* losses, bool keep_last_logits) {
@@ -249,7 +229,6 @@ void FreqKVDecoder<T>::run_chunk(const int32_t* tokens, const int32_t* targets, 
   k.copy_to_device(positions_dev_.data(), positions.data(), positions.size() * sizeof(int32_t));
   k.copy_to_device(tokens_dev_.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
 
-  const ScopedRows rows(model_.n_tokens_, n);
   model_.embedding_lookup(tokens, tokens_dev_.data(), n, hidden_.data(), embed_rows_);
   for (size_t l = 0; l < cache_.size(); ++l) run_layer(l, n);
   rows_ += n;
@@ -277,10 +256,10 @@ void FreqKVDecoder<T>::run_layer(size_t l, int64_t n) {
   // so they are rotated in place.
   k.rmsnorm_forward(normed_.data(), rstd_.data(), x, model_.param(p.input_norm), n, H,
                     c.rms_norm_eps);
-  model_.linear_forward(p.linear[Model::kQ], lora_xa_, normed_.data(), H, q_.data(), qw, 0.0);
+  model_.linear_forward(p.linear[Model::kQ], lora_xa_, n, normed_.data(), H, q_.data(), qw, 0.0);
   T* new_keys = (freqkv_.enabled ? cache.keys.data() : cache.rotated_keys.data()) + R * kw;
-  model_.linear_forward(p.linear[Model::kK], lora_xa_, normed_.data(), H, new_keys, kw, 0.0);
-  model_.linear_forward(p.linear[Model::kV], lora_xa_, normed_.data(), H,
+  model_.linear_forward(p.linear[Model::kK], lora_xa_, n, normed_.data(), H, new_keys, kw, 0.0);
+  model_.linear_forward(p.linear[Model::kV], lora_xa_, n, normed_.data(), H,
                         cache.values.data() + R * kw, kw, 0.0);
   k.rope(cache.rotated_keys.data() + R * kw, kw, new_keys, kw, positions_dev_.data(), n, Hkv, D,
          c.rope_theta, false);
@@ -289,15 +268,15 @@ void FreqKVDecoder<T>::run_layer(size_t l, int64_t n) {
   const std::vector<AttnBlock> block = {{0, n, 0, R + n}};  // bottom-right: query i sees rows <= R+i
   k.attention_forward(att_.data(), qw, lse_.data(), q_.data(), qw, cache.rotated_keys.data(),
                       cache.values.data(), kw, block, shape);
-  model_.row_parallel_forward(p.linear[Model::kO], lora_xa_, att_.data(), qw, x, mid_.data());
+  model_.row_parallel_forward(p.linear[Model::kO], lora_xa_, n, att_.data(), qw, x, mid_.data());
 
   // MLP block: down(silu(gate(x)) * up(x)) on this rank's FFN columns.
   k.rmsnorm_forward(normed_.data(), rstd_.data(), mid_.data(), model_.param(p.post_norm), n, H,
                     c.rms_norm_eps);
-  model_.linear_forward(p.linear[Model::kGate], lora_xa_, normed_.data(), H, gate_.data(), I, 0.0);
-  model_.linear_forward(p.linear[Model::kUp], lora_xa_, normed_.data(), H, up_.data(), I, 0.0);
+  model_.linear_forward(p.linear[Model::kGate], lora_xa_, n, normed_.data(), H, gate_.data(), I, 0.0);
+  model_.linear_forward(p.linear[Model::kUp], lora_xa_, n, normed_.data(), H, up_.data(), I, 0.0);
   k.swiglu_forward(swiglu_.data(), gate_.data(), up_.data(), n * I);
-  model_.row_parallel_forward(p.linear[Model::kDown], lora_xa_, swiglu_.data(), I, mid_.data(), x);
+  model_.row_parallel_forward(p.linear[Model::kDown], lora_xa_, n, swiglu_.data(), I, mid_.data(), x);
 }
 
 template <typename T>

@@ -1,5 +1,6 @@
 #include "model/llama_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <stdexcept>
@@ -8,6 +9,21 @@
 #include "kernels/freqkv_matrix.h"
 
 namespace freqkv {
+
+namespace {
+
+// Row n's log-sum-exp over the whole vocabulary from each tp rank's over its slice
+// (all: [ranks][rows]): log sum_r exp(lse_r), shifted by the largest for stability.
+template <typename A>
+double combine_vocab_slices_lse(const A* all, int64_t rows, int ranks, int64_t n) {
+  double m = static_cast<double>(all[n]);
+  for (int r = 1; r < ranks; ++r) m = std::max(m, static_cast<double>(all[r * rows + n]));
+  double sum = 0;
+  for (int r = 0; r < ranks; ++r) sum += std::exp(static_cast<double>(all[r * rows + n]) - m);
+  return m + std::log(sum);
+}
+
+}  // namespace
 
 template <typename T>
 LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
@@ -406,9 +422,9 @@ void LlamaModel<T>::apply_compressions(T* kv_rows, bool backward) {
 }
 
 template <typename T>
-void LlamaModel<T>::linear_forward(const Linear& lin, Buffer<T>& xa, const T* x, int64_t ld_x,
-                                   T* y, int64_t ld_y, double beta) {
-  const int64_t N = n_tokens_;
+void LlamaModel<T>::linear_forward(const Linear& lin, Buffer<T>& xa, int64_t rows, const T* x,
+                                   int64_t ld_x, T* y, int64_t ld_y, double beta) {
+  const int64_t N = rows;
   Kernels<T>& k = kernels_;
   k.gemm(false, true, N, lin.out, lin.in, 1.0, x, ld_x, param(lin.weight), lin.in, beta, y, ld_y);
   if (lin.lora_a < 0) return;
@@ -447,14 +463,14 @@ void LlamaModel<T>::linear_backward(const Linear& lin, const Buffer<T>& xa, cons
 }
 
 template <typename T>
-void LlamaModel<T>::row_parallel_forward(const Linear& lin, Buffer<T>& xa, const T* x,
-                                         int64_t ld_x, const T* residual, T* y) {
-  const int64_t N = n_tokens_, H = config_.hidden_size;
+void LlamaModel<T>::row_parallel_forward(const Linear& lin, Buffer<T>& xa, int64_t rows,
+                                         const T* x, int64_t ld_x, const T* residual, T* y) {
+  const int64_t N = rows, H = config_.hidden_size;
   Kernels<T>& k = kernels_;
   const size_t bytes = static_cast<size_t>(N * H) * sizeof(T);
   if (tp_size_ == 1) {
     k.copy_on_device(y, residual, bytes);
-    linear_forward(lin, xa, x, ld_x, y, H, 1.0);
+    linear_forward(lin, xa, rows, x, ld_x, y, H, 1.0);
     return;
   }
   // Each rank multiplies its slice of the input features; the sum over ranks (one all-reduce)
@@ -618,10 +634,10 @@ void LlamaModel<T>::layer_forward(int64_t l, bool replay) {
 
   // Attention block: q/k/v projections of the normalised input; K and V side by side per token.
   k.rmsnorm_forward(a.norm1.data(), a.rstd1.data(), x, param(p.input_norm), N, H, c.rms_norm_eps);
-  linear_forward(p.linear[kQ], a.lora_xa[kQ], a.norm1.data(), H, a.q.data(), q_width, 0.0);
+  linear_forward(p.linear[kQ], a.lora_xa[kQ], N, a.norm1.data(), H, a.q.data(), q_width, 0.0);
   T* kv = kv_ext_.data() + sink_rows_ * kv_width;  // this rank's tokens
-  linear_forward(p.linear[kK], a.lora_xa[kK], a.norm1.data(), H, kv, kv_width, 0.0);
-  linear_forward(p.linear[kV], a.lora_xa[kV], a.norm1.data(), H, kv + k_width, kv_width, 0.0);
+  linear_forward(p.linear[kK], a.lora_xa[kK], N, a.norm1.data(), H, kv, kv_width, 0.0);
+  linear_forward(p.linear[kV], a.lora_xa[kV], N, a.norm1.data(), H, kv + k_width, kv_width, 0.0);
 
   // FreqKV: lay out [sink ; memory ; chunk] rows, compress pre-RoPE keys and values chunk by
   // chunk, then rotate keys and queries with their cache-layout positions. Under sequence
@@ -648,15 +664,15 @@ void LlamaModel<T>::layer_forward(int64_t l, bool replay) {
                         1.0 / std::sqrt(static_cast<double>(D))};
   k.attention_forward(a.att.data(), q_width, a.lse.data(), a.q.data(), q_width, kv_rows,
                       kv_rows + k_width, kv_width, blocks_, shape);
-  row_parallel_forward(p.linear[kO], a.lora_xa[kO], a.att.data(), q_width, x, a.res_mid.data());
+  row_parallel_forward(p.linear[kO], a.lora_xa[kO], N, a.att.data(), q_width, x, a.res_mid.data());
 
   // MLP block: down(silu(gate(x)) * up(x)).
   k.rmsnorm_forward(a.norm2.data(), a.rstd2.data(), a.res_mid.data(), param(p.post_norm), N, H,
                     c.rms_norm_eps);
-  linear_forward(p.linear[kGate], a.lora_xa[kGate], a.norm2.data(), H, a.gate.data(), I, 0.0);
-  linear_forward(p.linear[kUp], a.lora_xa[kUp], a.norm2.data(), H, a.up.data(), I, 0.0);
+  linear_forward(p.linear[kGate], a.lora_xa[kGate], N, a.norm2.data(), H, a.gate.data(), I, 0.0);
+  linear_forward(p.linear[kUp], a.lora_xa[kUp], N, a.norm2.data(), H, a.up.data(), I, 0.0);
   k.swiglu_forward(a.swiglu.data(), a.gate.data(), a.up.data(), N * I);
-  row_parallel_forward(p.linear[kDown], a.lora_xa[kDown], a.swiglu.data(), I, a.res_mid.data(),
+  row_parallel_forward(p.linear[kDown], a.lora_xa[kDown], N, a.swiglu.data(), I, a.res_mid.data(),
                        out);
 }
 
@@ -685,21 +701,8 @@ LossSum LlamaModel<T>::forward(const int32_t* inputs, const int32_t* targets, in
   k.copy_to_device(inputs_.data(), inputs, static_cast<size_t>(N) * sizeof(int32_t));
   k.copy_to_device(targets_.data(), targets, static_cast<size_t>(N) * sizeof(int32_t));
 
-  if (tp_size_ == 1) {
-    k.embedding_forward(residual_[0].data(), param(embed_index_), inputs_.data(), N, H);
-  } else {  // vocabulary-parallel: each rank looks up the tokens it holds, the sum is the lookup
-    host_embed_rows_.resize(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t row = inputs[n] - vocab_begin_;
-      host_embed_rows_[n] = row >= 0 && row < vocab_local_ ? row : -1;
-    }
-    if (embed_rows_.size() != N) embed_rows_ = Buffer<int64_t>(kernels_, N);
-    k.copy_to_device(embed_rows_.data(), host_embed_rows_.data(),
-                     static_cast<size_t>(N) * sizeof(int64_t));
-    k.fill_zero(residual_[0].data(), static_cast<size_t>(N * H) * sizeof(T));
-    k.gather_rows(residual_[0].data(), H, param(embed_index_), H, embed_rows_.data(), N, H);
-    parallel_.tp->all_reduce_sum(residual_[0].data(), N * H);
-  }
+  // embed_rows_ keeps each token's local row (tp > 1) for the embedding's backward.
+  embedding_lookup(inputs, inputs_.data(), N, residual_[0].data(), embed_rows_);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) layer_forward(l);
   k.rmsnorm_forward(final_norm_.data(), final_rstd_.data(), residual_[c.num_hidden_layers].data(),
                     param(final_norm_index_), N, H, c.rms_norm_eps);
@@ -756,11 +759,7 @@ void LlamaModel<T>::classifier_block_tp(int64_t r0, int64_t rows, double grad_sc
   k.copy_to_host(all.data(), lse_all, all.size() * sizeof(Acc<T>));
   k.copy_to_host(target.data(), target_logit, target.size() * sizeof(Acc<T>));
   for (int64_t n = 0; n < rows; ++n) {
-    double m = static_cast<double>(all[n]);
-    for (int r = 1; r < tp_size_; ++r) m = std::max(m, static_cast<double>(all[r * rows + n]));
-    double sum = 0;
-    for (int r = 0; r < tp_size_; ++r) sum += std::exp(static_cast<double>(all[r * rows + n]) - m);
-    const double row_lse = m + std::log(sum);
+    const double row_lse = combine_vocab_slices_lse(all.data(), rows, tp_size_, n);
     global[n] = static_cast<Acc<T>>(row_lse);
     if (targets[r0 + n] >= 0) result.sum += row_lse - static_cast<double>(target[n]);
   }
@@ -859,15 +858,7 @@ void LlamaModel<T>::backward() {
   have_grad_state_ = false;
 }
 
-template class LlamaModel<float>;
-template class LlamaModel<double>;
-template class LlamaModel<bf16>;  // the CUDA backend's
-
-}  // namespace freqkv
-
-// ---- for inference: defined after the class's explicit instantiations above, so each is
-// instantiated below for the same element types ------------------------------------------------
-namespace freqkv {
+// ---- for inference (FreqKVDecoder) ----------------------------------------------------------
 
 template <typename T>
 int64_t LlamaModel<T>::release_grads() {
@@ -921,24 +912,15 @@ void LlamaModel<T>::vocab_parallel_losses(T* logits, const int32_t* targets,
   parallel_.tp->all_reduce_sum(target_logit, rows);
   k.copy_to_host(host.data(), lse_all, host.size() * sizeof(Acc<T>));  // lse_all, target_logit
   const Acc<T>* target = host.data() + rows * tp_size_;
-  for (int64_t n = 0; n < rows; ++n) {
-    double m = static_cast<double>(host[n]);
-    for (int r = 1; r < tp_size_; ++r) m = std::max(m, static_cast<double>(host[r * rows + n]));
-    double sum = 0;
-    for (int r = 0; r < tp_size_; ++r) sum += std::exp(static_cast<double>(host[r * rows + n]) - m);
-    losses[n] = targets[n] >= 0 ? m + std::log(sum) - static_cast<double>(target[n]) : 0.0;
-  }
+  for (int64_t n = 0; n < rows; ++n)
+    losses[n] = targets[n] >= 0 ? combine_vocab_slices_lse(host.data(), rows, tp_size_, n) -
+                                      static_cast<double>(target[n])
+                                : 0.0;
 }
 
-#define FREQKV_INSTANTIATE_INFERENCE_HELPERS(T)                                                 \
-  template int64_t LlamaModel<T>::release_grads();                                              \
-  template void LlamaModel<T>::embedding_lookup(const int32_t*, const int32_t*, int64_t, T*,    \
-                                                Buffer<int64_t>&);                              \
-  template void LlamaModel<T>::vocab_parallel_losses(T*, const int32_t*, const int32_t*, int64_t, \
-                                                     Acc<T>*, double*);
-FREQKV_INSTANTIATE_INFERENCE_HELPERS(float)
-FREQKV_INSTANTIATE_INFERENCE_HELPERS(double)
-FREQKV_INSTANTIATE_INFERENCE_HELPERS(bf16)
-#undef FREQKV_INSTANTIATE_INFERENCE_HELPERS
+template class LlamaModel<float>;
+template class LlamaModel<double>;
+template class LlamaModel<bf16>;  // the CUDA backend's
 
 }  // namespace freqkv
+

@@ -185,16 +185,16 @@ class LlamaModel {
     std::array<Buffer<T>, kLinearCount> lora_xa;  // x A^T of each adapted projection
   };
 
-  // y = beta * y + x W^T (+ scaling * (x A^T) B^T, keeping x A^T in xa).
-  void linear_forward(const Linear& lin, Buffer<T>& xa, const T* x, int64_t ld_x, T* y,
-                      int64_t ld_y, double beta);
+  // y = beta * y + x W^T (+ scaling * (x A^T) B^T, keeping x A^T in xa), for `rows` rows of x.
+  void linear_forward(const Linear& lin, Buffer<T>& xa, int64_t rows, const T* x, int64_t ld_x,
+                      T* y, int64_t ld_y, double beta);
   // dx = dx_beta * dx + dy W (+ the adapter's share); weight gradients += for trainable ones.
   void linear_backward(const Linear& lin, const Buffer<T>& xa, const T* dy, int64_t ld_dy,
                        const T* x, int64_t ld_x, T* dx, int64_t ld_dx, double dx_beta);
   // Row-parallel output: y = residual + x W^T summed over the tp ranks (Megatron's g: all-reduce
   // forward, identity backward).
-  void row_parallel_forward(const Linear& lin, Buffer<T>& xa, const T* x, int64_t ld_x,
-                            const T* residual, T* y);
+  void row_parallel_forward(const Linear& lin, Buffer<T>& xa, int64_t rows, const T* x,
+                            int64_t ld_x, const T* residual, T* y);
   // Column-parallel inputs: the input gradient is summed over the tp ranks (Megatron's f:
   // identity forward, all-reduce backward).
   void reduce_input_grad(T* dx, int64_t n);
@@ -243,7 +243,6 @@ class LlamaModel {
   int64_t vocab_begin_ = 0, vocab_local_ = 0;  // this rank's rows of embeddings and LM head
   std::vector<int64_t> column_lora_a_;  // LoRA A of column-parallel layers: gradient summed over tp
   Buffer<int64_t> embed_rows_;          // vocabulary-parallel lookup: local row per token or -1
-  std::vector<int64_t> host_embed_rows_;
   Buffer<T> params_, grads_;
   int64_t embed_index_ = 0, final_norm_index_ = 0, lm_head_index_ = 0;
   int64_t classifier_rows_ = 1024;
