@@ -61,10 +61,10 @@ nlohmann::json result_json(const PerplexityResult& r, int64_t buckets) {
 template <typename T>
 int eval_with(const InferenceSetup& setup, const EvalOptions& o, const TokenFile& tokens,
               const std::vector<PerplexityPlan>& plans, const ParallelGrid& grid,
-              Kernels<T>& kernels) {
+              Kernels<T>& kernels, Communicator* tp) {
   const bool main_rank = grid.world_rank() == 0;
   const std::unique_ptr<LlamaModel<T>> model =
-      load_inference_model(setup, kernels, inference_tp_group(grid));
+      load_inference_model(setup, kernels, tp);
   struct Mode {
     std::string name;
     FreqKVConfig attention;
@@ -262,8 +262,9 @@ int run_eval(const std::vector<std::string>& args) {
   }
   MpiSession mpi;
   const std::unique_ptr<ParallelGrid> grid = make_inference_grid(setup);
-  return with_inference_backend(
-      setup, [&](auto& kernels) { return eval_with(setup, o, tokens, plans, *grid, kernels); });
+  return with_inference_backend(setup, *grid, [&](auto& kernels, Communicator* tp) {
+    return eval_with(setup, o, tokens, plans, *grid, kernels, tp);
+  });
 }
 
 }  // namespace freqkv

@@ -55,10 +55,10 @@ std::vector<int32_t> read_prompt_ids(const std::string& path) {
 // broadcast); only world rank 0 prints.
 template <typename T>
 int generate_with(const InferenceSetup& setup, const GenerateOptions& o, const Tokenizer* tokenizer,
-                  int32_t eos, const ParallelGrid& grid, Kernels<T>& kernels) {
+                  int32_t eos, const ParallelGrid& grid, Kernels<T>& kernels, Communicator* tp) {
   const bool main_rank = grid.world_rank() == 0;
   const std::unique_ptr<LlamaModel<T>> model =
-      load_inference_model(setup, kernels, inference_tp_group(grid));
+      load_inference_model(setup, kernels, tp);
   FreqKVDecoder<T> decoder(*model, setup.freqkv, setup.max_chunk_tokens);
   TokenSampler sampler(o.sampling, o.seed);
   if (main_rank)
@@ -190,8 +190,8 @@ int run_generate(const std::vector<std::string>& args) {
     throw UsageError("--stop-at-eos: neither the tokenizer nor the model config names an EOS");
   MpiSession mpi;
   const std::unique_ptr<ParallelGrid> grid = make_inference_grid(setup);
-  return with_inference_backend(setup, [&](auto& kernels) {
-    return generate_with(setup, o, tokenizer.get(), eos, *grid, kernels);
+  return with_inference_backend(setup, *grid, [&](auto& kernels, Communicator* tp) {
+    return generate_with(setup, o, tokenizer.get(), eos, *grid, kernels, tp);
   });
 }
 

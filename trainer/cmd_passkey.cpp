@@ -91,7 +91,7 @@ struct Trial {
 // tokens); only world rank 0 prints and writes the JSON and the PNG.
 template <typename T>
 int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tokenizer& tokenizer,
-                 const ParallelGrid& grid, Kernels<T>& kernels) {
+                 const ParallelGrid& grid, Kernels<T>& kernels, Communicator* tp) {
   const bool main_rank = grid.world_rank() == 0;
   // Build every prompt first: a length too short for the prompt fails before any decoding.
   std::vector<Trial> trials;
@@ -117,7 +117,7 @@ int passkey_with(const InferenceSetup& setup, const PasskeyOptions& o, const Tok
       }
 
   const std::unique_ptr<LlamaModel<T>> model =
-      load_inference_model(setup, kernels, inference_tp_group(grid));
+      load_inference_model(setup, kernels, tp);
   FreqKVDecoder<T> decoder(*model, setup.freqkv, setup.max_chunk_tokens);
   if (main_rank)
     std::fprintf(stderr, "freqkv passkey: %s, backend %s%s; %s; %s; %zu prompts\n",
@@ -288,8 +288,9 @@ int run_passkey(const std::vector<std::string>& args) {
                      " does not exist (give --plot-script)");
   MpiSession mpi;
   const std::unique_ptr<ParallelGrid> grid = make_inference_grid(setup);
-  return with_inference_backend(
-      setup, [&](auto& kernels) { return passkey_with(setup, o, *tokenizer, *grid, kernels); });
+  return with_inference_backend(setup, *grid, [&](auto& kernels, Communicator* tp) {
+    return passkey_with(setup, o, *tokenizer, *grid, kernels, tp);
+  });
 }
 
 }  // namespace freqkv

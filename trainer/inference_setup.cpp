@@ -5,6 +5,9 @@
 #include <sstream>
 
 #include "comm/mpi_communicator.h"
+#if defined(FREQKV_HAVE_NCCL)
+#include "comm/nccl_communicator.h"
+#endif
 #include "model/hf_checkpoint.h"
 #include "model/hf_config.h"
 #include "trainer/checkpoint_dir.h"
@@ -120,10 +123,6 @@ InferenceSetup resolve_inference_setup(const ArgParser& p) {
   const int64_t tp = p.get_int("tp");
   if (tp < 1) throw UsageError("--tp must be >= 1, got " + std::to_string(tp));
   setup.tp = static_cast<int>(tp);
-  if (setup.tp > 1 && setup.device == "cuda")
-    throw UsageError("--tp " + std::to_string(tp) + " with --device cuda: the inference commands "
-                     "decode on one GPU (one rank) in this version; use --tp 1, or --device cpu "
-                     "under mpirun");
   return setup;
 }
 
@@ -140,6 +139,27 @@ std::unique_ptr<ParallelGrid> make_inference_grid(const InferenceSetup& setup) {
 Communicator* inference_tp_group(const ParallelGrid& grid) {
   return grid.tp().size() > 1 ? &grid.tp() : nullptr;
 }
+
+#if defined(FREQKV_HAVE_CUDA)
+CudaInferenceBackend make_cuda_inference_backend(const InferenceSetup& setup) {
+  CudaInferenceBackend backend;
+  if (setup.tp == 1) {
+    backend.kernels = make_cuda_kernels(0);
+    return backend;
+  }
+#if defined(FREQKV_HAVE_NCCL)
+  const int device = device_for_this_rank();
+  backend.kernels = make_cuda_kernels(device);
+  backend.nccl = make_nccl_grid(GridShape{setup.tp, 1, 1}, device,
+                                cuda_kernels_stream(*backend.kernels));
+  return backend;
+#else
+  throw UsageError("--tp " + std::to_string(setup.tp) + " with --device cuda needs NCCL, and this "
+                   "freqkv was built without it (no nccl.h / libnccl at build time): rebuild "
+                   "with NCCL, or use --device cpu under mpirun");
+#endif
+}
+#endif
 
 template <typename T>
 std::unique_ptr<LlamaModel<T>> load_inference_model(const InferenceSetup& setup,

@@ -47,7 +47,7 @@ InferenceSetup resolve_inference_setup(const ArgParser& p);
 // The grid of an inference command: tp = --tp, and the world must be exactly tp ranks (the
 // commands split the model, not the work). Collective over the world; needs an active
 // MpiSession when started by mpirun. Throws UsageError naming --tp and mpirun -np when they
-// differ, and for --device cuda with --tp > 1.
+// differ.
 std::unique_ptr<ParallelGrid> make_inference_grid(const InferenceSetup& setup);
 // The grid's tp group when it has more than one rank, else nullptr (a single-rank model).
 Communicator* inference_tp_group(const ParallelGrid& grid);
@@ -68,21 +68,36 @@ std::unique_ptr<Tokenizer> load_inference_tokenizer(const ArgParser& p,
 // "full causal attention (FreqKV off)".
 std::string describe_attention(const FreqKVConfig& freqkv);
 
-// Calls run(kernels) with the backend the setup names (CPU fp32/fp64, or CUDA bf16) and returns
-// what it returns; run is generic over Kernels<T>& (a template, or a lambda taking auto&).
+#if defined(FREQKV_HAVE_CUDA)
+// --device cuda: the CUDA backend on this rank's GPU and, under --tp N (N > 1), the tp group over
+// NCCL ordered against the backend's stream (one GPU per rank: node-local rank modulo the visible
+// devices, as `freqkv train` does). Collective over the world when tp > 1. Throws UsageError for
+// --tp > 1 when freqkv was built without NCCL.
+struct CudaInferenceBackend {
+  std::unique_ptr<Kernels<bf16>> kernels;
+  std::unique_ptr<ParallelGrid> nccl;  // tp > 1 only
+  Communicator* tp() const { return nccl && nccl->tp().size() > 1 ? &nccl->tp() : nullptr; }
+};
+CudaInferenceBackend make_cuda_inference_backend(const InferenceSetup& setup);
+#endif
+
+// Calls run(kernels, tp) with the backend the setup names (CPU fp32/fp64, or CUDA bf16) and the
+// tensor-parallel group to split the model over (nullptr: one rank) -- the grid's on the CPU,
+// NCCL's on CUDA -- and returns what it returns; run is generic over Kernels<T>& (a template, or
+// a lambda taking auto&).
 template <typename Run>
-int with_inference_backend(const InferenceSetup& setup, Run&& run) {
+int with_inference_backend(const InferenceSetup& setup, const ParallelGrid& grid, Run&& run) {
   if (setup.device == "cpu") {
     if (setup.precision == "fp64") {
       CpuKernels<double> kernels;
-      return run(static_cast<Kernels<double>&>(kernels));
+      return run(static_cast<Kernels<double>&>(kernels), inference_tp_group(grid));
     }
     CpuKernels<float> kernels;
-    return run(static_cast<Kernels<float>&>(kernels));
+    return run(static_cast<Kernels<float>&>(kernels), inference_tp_group(grid));
   }
 #if defined(FREQKV_HAVE_CUDA)
-  const std::unique_ptr<Kernels<bf16>> kernels = make_cuda_kernels(0);
-  return run(*kernels);
+  const CudaInferenceBackend backend = make_cuda_inference_backend(setup);
+  return run(*backend.kernels, backend.tp());
 #else
   throw std::invalid_argument("--device cuda, but this freqkv was built without the CUDA backend "
                               "(no nvcc at build time): rebuild with the CUDA toolkit, or use "
