@@ -19,6 +19,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/freqkv_decoder.h"
 #include "model/llama_model.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
@@ -35,15 +36,6 @@ ModelConfig tiny_config(int64_t n_kv_heads, int64_t vocab = 13) {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 100.0;  // small theta: positions matter even in a short sequence
   return c;
-}
-
-FreqKVConfig freqkv_config(int64_t cache, int64_t sink, double ratio, bool enabled = true) {
-  FreqKVConfig f;
-  f.enabled = enabled;
-  f.cache = cache;
-  f.sink = sink;
-  f.ratio = ratio;
-  return f;
 }
 
 std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {

@@ -22,6 +22,7 @@
 #include "model/llama_model.h"
 #include "trainer/inference/generation.h"
 #include "trainer/inference/sampling.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
@@ -52,15 +53,6 @@ ModelConfig tp_config(int64_t n_kv_heads, bool tied) {
   c.rope_theta = 100.0;  // positions matter even in a short sequence
   c.tie_word_embeddings = tied;
   return c;
-}
-
-FreqKVConfig freqkv_config(int64_t cache, int64_t sink, double ratio, bool enabled = true) {
-  FreqKVConfig f;
-  f.enabled = enabled;
-  f.cache = cache;
-  f.sink = sink;
-  f.ratio = ratio;
-  return f;
 }
 
 LoraConfig lora_config(bool enabled) {

@@ -2,21 +2,14 @@
 #include <gtest/gtest.h>
 
 #include "model/freqkv_schedule.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
 
-FreqKVConfig config(int64_t cache, int64_t sink, double ratio) {
-  FreqKVConfig c;
-  c.cache = cache;
-  c.sink = sink;
-  c.ratio = ratio;
-  return c;
-}
-
 TEST(FreqKVSchedule, PaperDefaultsAt8K) {
   // C = 4096, S = 4, r = 0.5: F = 4092, L = 2046, step = 2046.
-  const FreqKVSchedule s = FreqKVSchedule::build(8192, config(4096, 4, 0.5));
+  const FreqKVSchedule s = FreqKVSchedule::build(8192, freqkv_config(4096, 4, 0.5));
   ASSERT_EQ(s.chunks.size(), 4u);  // [0,4096) [4096,6142) [6142,8188) [8188,8192)
   EXPECT_EQ(s.chunks[0].token_start, 0);
   EXPECT_EQ(s.chunks[0].n_tokens, 4096);
@@ -39,7 +32,7 @@ TEST(FreqKVSchedule, PaperDefaultsAt8K) {
 
 TEST(FreqKVSchedule, RowsPositionsAndSourcesOfAChunk) {
   // C = 6, S = 1, r = 0.5: F = 5, L = 2, step = 3; T = 13 -> chunks of 6, 3, 3, 1 tokens.
-  const FreqKVSchedule s = FreqKVSchedule::build(13, config(6, 1, 0.5));
+  const FreqKVSchedule s = FreqKVSchedule::build(13, freqkv_config(6, 1, 0.5));
   ASSERT_EQ(s.chunks.size(), 4u);
   const FreqKVChunk& c1 = s.chunks[1];
   EXPECT_EQ(c1.token_start, 6);
@@ -66,7 +59,8 @@ TEST(FreqKVSchedule, RowsPositionsAndSourcesOfAChunk) {
 
 TEST(FreqKVSchedule, ShortOrDisabledIsOneCausalChunk) {
   for (const FreqKVSchedule& s :
-       {FreqKVSchedule::build(6, config(6, 1, 0.5)), FreqKVSchedule::build(3, config(6, 1, 0.5))}) {
+       {FreqKVSchedule::build(6, freqkv_config(6, 1, 0.5)),
+        FreqKVSchedule::build(3, freqkv_config(6, 1, 0.5))}) {
     ASSERT_EQ(s.chunks.size(), 1u);
     EXPECT_EQ(s.chunks[0].kv_len, s.seq_len);
     EXPECT_TRUE(s.compressions.empty());
@@ -76,7 +70,7 @@ TEST(FreqKVSchedule, ShortOrDisabledIsOneCausalChunk) {
       EXPECT_EQ(s.query_positions[t], t);
     }
   }
-  FreqKVConfig off = config(6, 1, 0.5);
+  FreqKVConfig off = freqkv_config(6, 1, 0.5);
   off.enabled = false;
   const FreqKVSchedule s = FreqKVSchedule::build(100, off);
   ASSERT_EQ(s.chunks.size(), 1u);
@@ -84,11 +78,14 @@ TEST(FreqKVSchedule, ShortOrDisabledIsOneCausalChunk) {
 }
 
 TEST(FreqKVSchedule, RejectsInvalidConfigurations) {
-  EXPECT_THROW(FreqKVSchedule::build(100, config(6, 6, 0.5)), std::invalid_argument);   // S >= C
-  EXPECT_THROW(FreqKVSchedule::build(100, config(6, -1, 0.5)), std::invalid_argument);  // S < 0
-  EXPECT_THROW(FreqKVSchedule::build(100, config(6, 1, 0.1)), std::invalid_argument);   // L < 1
-  EXPECT_THROW(FreqKVSchedule::build(100, config(6, 1, 1.0)), std::invalid_argument);   // step < 1
-  EXPECT_THROW(FreqKVSchedule::build(0, config(6, 1, 0.5)), std::invalid_argument);
+  const auto rejects = [](const FreqKVConfig& c) {
+    EXPECT_THROW(FreqKVSchedule::build(100, c), std::invalid_argument);
+  };
+  rejects(freqkv_config(6, 6, 0.5));   // S >= C
+  rejects(freqkv_config(6, -1, 0.5));  // S < 0
+  rejects(freqkv_config(6, 1, 0.1));   // L < 1
+  rejects(freqkv_config(6, 1, 1.0));   // step < 1
+  EXPECT_THROW(FreqKVSchedule::build(0, freqkv_config(6, 1, 0.5)), std::invalid_argument);
 }
 
 }  // namespace

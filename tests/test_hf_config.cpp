@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/model_config.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
@@ -292,14 +293,6 @@ TEST(ModelConfigValidate, NamesFieldAndValue) {
 }
 
 // ---- FreqKVConfig ----------------------------------------------------------------------------
-
-FreqKVConfig freqkv_config(int64_t cache, int64_t sink, double ratio) {
-  FreqKVConfig config;
-  config.cache = cache;
-  config.sink = sink;
-  config.ratio = ratio;
-  return config;
-}
 
 void expect_freqkv_rejected(const FreqKVConfig& config, const std::vector<std::string>& fragments) {
   try {

@@ -11,6 +11,7 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/llama_model.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
@@ -30,15 +31,6 @@ ModelConfig tiny_config(bool tied, int64_t n_kv_heads) {
   c.rope_theta = 100.0;  // small theta: positions matter even in a short sequence
   c.tie_word_embeddings = tied;
   return c;
-}
-
-FreqKVConfig freqkv_config(int64_t cache, int64_t sink, double ratio, bool enabled = true) {
-  FreqKVConfig f;
-  f.enabled = enabled;
-  f.cache = cache;
-  f.sink = sink;
-  f.ratio = ratio;
-  return f;
 }
 
 // ---- the naive reference -----------------------------------------------------------------------

@@ -22,6 +22,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/hf_config.h"
 #include "trainer/training_run.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
@@ -44,14 +45,6 @@ ModelConfig small_config() {
   c.head_dim = 4;
   c.rope_theta = 500.0;
   return c;
-}
-
-FreqKVConfig freqkv(int64_t cache, int64_t sink, double ratio) {
-  FreqKVConfig f;
-  f.cache = cache;
-  f.sink = sink;
-  f.ratio = ratio;
-  return f;
 }
 
 struct Batch {
@@ -158,70 +151,71 @@ LoraConfig some_lora() {
 TEST(SequenceParallel, LossAndGradientsMatchOneRankInDouble) {
   // C = 8, S = 2, r = 0.5: L = 3, step = 3; T = 26: chunks 8, 3 x 6: every rank count up to 4
   // gets whole chunks, memories and sinks cross every boundary.
-  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(8, 2, 0.5), LoraConfig(), 26, 1e-12,
                                               {1, ranks(), 1});
 }
 
 TEST(SequenceParallel, NoSinkUnevenChunksAndLoraInDouble) {
-  expect_parallel_matches_single_rank<double>(freqkv(10, 0, 0.3), some_lora(), 37, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(10, 0, 0.3), some_lora(), 37, 1e-12,
                                               {1, ranks(), 1});
 }
 
 TEST(SequenceParallel, LossAndGradientsMatchOneRankInFloat) {
-  expect_parallel_matches_single_rank<float>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-5,
+  expect_parallel_matches_single_rank<float>(freqkv_config(8, 2, 0.5), LoraConfig(), 26, 1e-5,
                                              {1, ranks(), 1});
 }
 
 TEST(TensorParallel, LossAndGradientsMatchOneRankInDouble) {
-  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), LoraConfig(), 26, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(8, 2, 0.5), LoraConfig(), 26, 1e-12,
                                               {ranks(), 1, 1});
 }
 
 TEST(TensorParallel, LoraAndTiedEmbeddingsInDouble) {
-  expect_parallel_matches_single_rank<double>(freqkv(10, 0, 0.3), some_lora(), 37, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(10, 0, 0.3), some_lora(), 37, 1e-12,
                                               {ranks(), 1, 1}, true);
 }
 
 TEST(TensorParallel, LossAndGradientsMatchOneRankInFloat) {
-  expect_parallel_matches_single_rank<float>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-5,
+  expect_parallel_matches_single_rank<float>(freqkv_config(8, 2, 0.5), some_lora(), 26, 1e-5,
                                              {ranks(), 1, 1});
 }
 
 TEST(TensorAndSequenceParallel, TwoByTwoMatchesOneRankInDouble) {
   if (ranks() != 4) GTEST_SKIP() << "needs 4 ranks";
-  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12, {2, 2, 1});
+  expect_parallel_matches_single_rank<double>(freqkv_config(8, 2, 0.5), some_lora(), 26, 1e-12,
+                                              {2, 2, 1});
 }
 
 TEST(SequenceParallel, LongMemoryChainsInDouble) {
   // C = 8, S = 2, r = 0.5, T = 62: 19 chunks, so every middle rank passes its memory on through
   // several compressions (M_out = A M_in + b with A a power of P's memory columns).
-  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 62, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(8, 2, 0.5), some_lora(), 62, 1e-12,
                                               {1, ranks(), 1});
 }
 
 // Activation recomputation replays each layer in backward: tensor-parallel all-reduces run again,
 // sequence-parallel rows (sinks, memories) come from what the first run kept.
 TEST(SequenceParallel, RecomputeMatchesOneRankInDouble) {
-  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(8, 2, 0.5), some_lora(), 26, 1e-12,
                                               {1, ranks(), 1}, false, true);
 }
 
 TEST(TensorParallel, RecomputeMatchesOneRankInDouble) {
-  expect_parallel_matches_single_rank<double>(freqkv(10, 0, 0.3), some_lora(), 37, 1e-12,
+  expect_parallel_matches_single_rank<double>(freqkv_config(10, 0, 0.3), some_lora(), 37, 1e-12,
                                               {ranks(), 1, 1}, true, true);
 }
 
 TEST(TensorAndSequenceParallel, TwoByTwoRecomputeMatchesOneRankInDouble) {
   if (ranks() != 4) GTEST_SKIP() << "needs 4 ranks";
-  expect_parallel_matches_single_rank<double>(freqkv(8, 2, 0.5), some_lora(), 26, 1e-12, {2, 2, 1},
-                                              false, true);
+  expect_parallel_matches_single_rank<double>(freqkv_config(8, 2, 0.5), some_lora(), 26, 1e-12,
+                                              {2, 2, 1}, false, true);
 }
 
 TEST(SequenceParallel, TooFewChunksForTheRanksIsAClearError) {
   CpuKernels<double> k;
   ModelParallel parallel;
   parallel.sp = &world();
-  LlamaModel<double> model(small_config(), freqkv(8, 2, 0.5), k, LoraConfig(), parallel);
+  LlamaModel<double> model(small_config(), freqkv_config(8, 2, 0.5), k, LoraConfig(), parallel);
   if (world().size() > 1) {
     EXPECT_THROW(model.sequence_shard(8), std::invalid_argument);  // one chunk only
   }
@@ -229,7 +223,7 @@ TEST(SequenceParallel, TooFewChunksForTheRanksIsAClearError) {
 
 TEST(ZeroOne, OptimiserStateIsShardedAcrossDataParallelRanks) {
   CpuKernels<float> k;
-  LlamaModel<float> model(small_config(), freqkv(8, 2, 0.5), k);
+  LlamaModel<float> model(small_config(), freqkv_config(8, 2, 0.5), k);
   model.init_random(3);
   AdamW<float> sharded(model, AdamWOptions{}, &world(), true);
   const ParamTable& table = model.param_table();

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "model/model_config.h"
+
 // Runs action and expects an Exception whose message contains every fragment.
 template <typename Exception = std::runtime_error>
 void expect_error(const std::function<void()>& action, const std::vector<std::string>& fragments) {
@@ -40,4 +42,15 @@ inline std::string read_bytes(const std::filesystem::path& path) {
 inline void write_bytes(const std::filesystem::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// FreqKV settings C (cache), S (sink), r (ratio); enabled unless said otherwise.
+inline freqkv::FreqKVConfig freqkv_config(int64_t cache, int64_t sink, double ratio,
+                                          bool enabled = true) {
+  freqkv::FreqKVConfig f;
+  f.enabled = enabled;
+  f.cache = cache;
+  f.sink = sink;
+  f.ratio = ratio;
+  return f;
 }
