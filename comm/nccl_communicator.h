@@ -21,10 +21,13 @@
 // its result (the host does not wait; host reads go through the backend, which synchronises).
 // With that automatic ordering the collectives of all groups run one after another on the device,
 // in program order, which also keeps NCCL from deadlocking (kernels of two communicators must not
-// wait on each other across ranks). For overlap (reducing gradients while the backward continues)
-// switch it off with set_ordering(StreamOrdering::kManual) and order by hand: wait_for(compute)
-// after the gradients are written, the collective, then record_on(compute) before anything reads
-// them -- and keep collectives of other groups from running concurrently with it.
+// wait on each other across ranks). The overlapped gradient sums (start_all_reduce_sum) are the
+// exception: they run on this stream while the backward's tp and sp collectives run on theirs,
+// as Megatron-LM overlaps its data-parallel reduction; every rank issues them in the same program
+// order, and CUDA_DEVICE_MAX_CONNECTIONS=1 (README) keeps the device from reordering kernels
+// across streams. parallel.overlap_grad_reduce: false falls back to one blocking sum after the
+// backward. By hand: set_ordering(StreamOrdering::kManual), then wait_for(compute) after the data
+// is written, the collective, and record_on(compute) before anything reads it.
 //
 // Types and reductions: f32, f64, i32, i64 and bf16 (ncclBfloat16) map to NCCL's types; sums use
 // ncclSum, maxima ncclMax. NCCL reduces bf16 two operands at a time as partial results pass
