@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <limits>
 #include <memory>
 #include <ostream>
@@ -320,6 +321,188 @@ TEST_F(CudaKernelsTest, GemmWithEmptySizesAndBadStrides) {
   EXPECT_THROW(
       gpu_->gemm(false, false, -1, 3, 2, 1.0, dummy.data(), 2, dummy.data(), 3, 0.0, c.data(), 3),
       std::invalid_argument);
+}
+
+// cuBLASLt (the default) and cublasGemmEx against the CPU on every transpose combination, with odd
+// sizes, tight and padded leading dimensions, beta = 0 over NaN and beta = 1, and pointers offset
+// by one element (2-byte aligned: the algorithm cache must not reuse one chosen for aligned
+// pointers). Aligned problems must run on cuBLASLt, not on the fallback.
+TEST_F(CudaKernelsTest, GemmLtAndGemmExAgreeWithCpuOnEveryLayout) {
+  struct Size {
+    int64_t M, N, K;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  int64_t fallbacks = 0;
+  int64_t cases = 0;
+  for (const Size size :
+       {Size{64, 128, 256}, Size{37, 45, 70}, Size{1, 300, 17}, Size{129, 7, 33}}) {
+    const int64_t M = size.M, N = size.N, K = size.K;
+    const bool aligned_size = M % 8 == 0 && N % 8 == 0 && K % 8 == 0;
+    for (bool trans_a : {false, true}) {
+      for (bool trans_b : {false, true}) {
+        for (int64_t pad : {int64_t{0}, int64_t{3}, int64_t{8}}) {
+          for (double beta : {0.0, 1.0}) {
+            for (int64_t offset : {int64_t{0}, int64_t{1}}) {
+              const int64_t a_rows = trans_a ? K : M, lda = (trans_a ? M : K) + pad;
+              const int64_t b_rows = trans_b ? N : K, ldb = (trans_b ? K : N) + pad;
+              const int64_t ldc = N + pad;
+              const std::string what =
+                  "gemm " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+                  " trans_a=" + std::to_string(trans_a) + " trans_b=" + std::to_string(trans_b) +
+                  " pad=" + std::to_string(pad) + " beta=" + std::to_string(beta) +
+                  " offset=" + std::to_string(offset);
+              // `offset` leading elements that the GEMM does not see.
+              const std::vector<float> A = random_bf16_values(offset + a_rows * lda, 11);
+              const std::vector<float> B = random_bf16_values(offset + b_rows * ldb, 12);
+              std::vector<float> C0 = random_bf16_values(offset + M * ldc, 13);
+              std::vector<float> C0_cpu = C0;
+              if (beta == 0.0) {
+                // NaN inside C (not in its padding columns): beta = 0 must overwrite it.
+                for (int64_t r = 0; r < M; ++r) {
+                  for (int64_t c = 0; c < N; ++c) {
+                    C0[offset + r * ldc + c] = nan;
+                    C0_cpu[offset + r * ldc + c] = 0.0f;
+                  }
+                }
+              }
+              Buffer<float> ca = on_cpu(A), cb = on_cpu(B), cc = on_cpu(C0_cpu);
+              cpu_->gemm(trans_a, trans_b, M, N, K, 0.7, ca.data() + offset, lda,
+                         cb.data() + offset, ldb, beta, cc.data() + offset, ldc);
+              const std::vector<float> reference = read(cc);
+              Buffer<bf16> ga = on_gpu(A), gb = on_gpu(B);
+              for (const freqkv::CudaGemm impl : {freqkv::CudaGemm::Lt, freqkv::CudaGemm::GemmEx}) {
+                const bool lt = impl == freqkv::CudaGemm::Lt;
+                freqkv::set_cuda_gemm(*gpu_, impl);
+                Buffer<bf16> gc = on_gpu(C0);
+                const freqkv::CudaGemmCounts before = freqkv::cuda_gemm_counts(*gpu_);
+                gpu_->gemm(trans_a, trans_b, M, N, K, 0.7, ga.data() + offset, lda,
+                           gb.data() + offset, ldb, beta, gc.data() + offset, ldc);
+                const freqkv::CudaGemmCounts after = freqkv::cuda_gemm_counts(*gpu_);
+                expect_bf16_close(read(gc), reference, what + (lt ? " (lt)" : " (gemmex)"));
+                EXPECT_EQ(after.lt_calls + after.gemmex_calls,
+                          before.lt_calls + before.gemmex_calls + 1)
+                    << what;
+                if (!lt) {
+                  EXPECT_EQ(after.gemmex_calls, before.gemmex_calls + 1) << what;
+                  EXPECT_EQ(after.heuristic_calls, before.heuristic_calls) << what;
+                  continue;
+                }
+                ++cases;
+                if (after.lt_calls == before.lt_calls) ++fallbacks;
+                if (aligned_size && offset == 0 && pad != 3) {
+                  EXPECT_EQ(after.lt_calls, before.lt_calls + 1)
+                      << what << ": an aligned problem fell back to cublasGemmEx";
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  std::cout << "[ info     ] " << fallbacks << " of " << cases
+            << " problems fell back from cuBLASLt to cublasGemmEx" << std::endl;
+}
+
+// The heuristic runs once per (transposes, sizes, leading dimensions, beta == 0, pointer
+// alignment): repeated shapes, as every layer of every step makes, reuse the cached algorithm.
+TEST_F(CudaKernelsTest, GemmLtCachesTheAlgorithmPerShapeAndAlignment) {
+  freqkv::set_cuda_gemm(*gpu_, freqkv::CudaGemm::Lt);
+  const int64_t M = 64, N = 96, K = 128;
+  Buffer<bf16> a = on_gpu(random_bf16_values(M * K + 8, 21));
+  Buffer<bf16> b = on_gpu(random_bf16_values(K * N + 8, 22));
+  Buffer<bf16> c(*gpu_, M * N + 8), c2(*gpu_, M * N + 8);
+  const auto heuristic_calls = [&] { return freqkv::cuda_gemm_heuristic_calls(*gpu_); };
+  const int64_t start = heuristic_calls();
+  const int64_t lt_start = freqkv::cuda_gemm_counts(*gpu_).lt_calls;
+
+  gpu_->gemm(false, true, M, N, K, 1.0, a.data(), K, b.data(), K, 0.0, c.data(), N);
+  EXPECT_EQ(heuristic_calls(), start + 1) << "a new shape runs the heuristic";
+  gpu_->gemm(false, true, M, N, K, 1.0, a.data(), K, b.data(), K, 0.0, c2.data(), N);
+  gpu_->gemm(false, true, M, N, K, 0.5, a.data(), K, b.data(), K, 0.0, c.data(), N);
+  EXPECT_EQ(heuristic_calls(), start + 1)
+      << "the same shape (another C of the same alignment, another alpha) reuses the algorithm";
+  gpu_->gemm(false, true, M, N, K, 1.0, a.data(), K, b.data(), K, 1.0, c.data(), N);
+  EXPECT_EQ(heuristic_calls(), start + 2) << "beta = 1 is another cache entry than beta = 0";
+  gpu_->gemm(false, true, M, N, K, 1.0, a.data() + 1, K, b.data(), K, 1.0, c.data(), N);
+  EXPECT_EQ(heuristic_calls(), start + 3) << "A offset by one element is another alignment";
+  gpu_->gemm(false, true, M, N, K, 1.0, a.data() + 1, K, b.data(), K, 1.0, c.data(), N);
+  EXPECT_EQ(heuristic_calls(), start + 3);
+  gpu_->gemm(true, true, M, N, K, 1.0, a.data(), M, b.data(), K, 0.0, c.data(), N);
+  gpu_->gemm(false, false, M, N, K, 1.0, a.data(), K, b.data(), N, 0.0, c.data(), N);
+  gpu_->gemm(false, true, M, N, K, 1.0, a.data(), K + 8, b.data(), K, 0.0, c.data(), N);
+  EXPECT_EQ(heuristic_calls(), start + 6) << "transposes and leading dimensions are in the key";
+
+  // Ten "steps" over the shapes seen: no heuristic call at all.
+  for (int step = 0; step < 10; ++step) {
+    gpu_->gemm(false, true, M, N, K, 1.0, a.data(), K, b.data(), K, 0.0, c.data(), N);
+    gpu_->gemm(false, true, M, N, K, 1.0, a.data(), K, b.data(), K, 1.0, c.data(), N);
+    gpu_->gemm(true, true, M, N, K, 1.0, a.data(), M, b.data(), K, 0.0, c.data(), N);
+    gpu_->gemm(false, false, M, N, K, 1.0, a.data(), K, b.data(), N, 0.0, c.data(), N);
+  }
+  EXPECT_EQ(heuristic_calls(), start + 6);
+  EXPECT_GE(freqkv::cuda_gemm_counts(*gpu_).lt_calls, lt_start + 40)
+      << "the aligned problems run on cuBLASLt";
+  gpu_->synchronize();
+
+  // K = 0 and empty GEMMs are not GEMMs for either library.
+  const freqkv::CudaGemmCounts before = freqkv::cuda_gemm_counts(*gpu_);
+  gpu_->gemm(false, false, M, N, 0, 1.0, a.data(), 1, b.data(), N, 0.0, c.data(), N);
+  gpu_->gemm(false, false, 0, N, K, 1.0, a.data(), K, b.data(), N, 0.0, c.data(), N);
+  const freqkv::CudaGemmCounts after = freqkv::cuda_gemm_counts(*gpu_);
+  EXPECT_EQ(after.heuristic_calls, before.heuristic_calls);
+  EXPECT_EQ(after.lt_calls, before.lt_calls);
+  EXPECT_EQ(after.gemmex_calls, before.gemmex_calls);
+}
+
+TEST_F(CudaKernelsTest, GemmSelectionByEnvironment) {
+  // make_cuda_kernels reads FREQKV_GEMM; a bad value is an error naming it. Puts the variable
+  // back as it was, however the test ends.
+  struct RestoreEnvironment {
+    const char* saved = std::getenv("FREQKV_GEMM");
+    std::string saved_value = saved != nullptr ? saved : "";
+    ~RestoreEnvironment() {
+      if (saved != nullptr) {
+        setenv("FREQKV_GEMM", saved_value.c_str(), 1);
+      } else {
+        unsetenv("FREQKV_GEMM");
+      }
+    }
+  } restore_environment;
+  ASSERT_EQ(setenv("FREQKV_GEMM", "cutlass", 1), 0);
+  try {
+    (void)freqkv::make_cuda_kernels(0);
+    ADD_FAILURE() << "FREQKV_GEMM = cutlass was accepted";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_NE(std::string(error.what()).find("FREQKV_GEMM"), std::string::npos) << error.what();
+  }
+  const std::vector<float> a_values = random_bf16_values(32 * 64, 31);
+  const std::vector<float> b_values = random_bf16_values(64 * 48, 32);
+  const auto counts_with_environment = [&](const char* choice) {
+    if (choice != nullptr) {
+      EXPECT_EQ(setenv("FREQKV_GEMM", choice, 1), 0);
+    } else {
+      EXPECT_EQ(unsetenv("FREQKV_GEMM"), 0);
+    }
+    std::unique_ptr<Kernels<bf16>> kernels = freqkv::make_cuda_kernels(0);
+    Buffer<bf16> a(*kernels, 32 * 64), b(*kernels, 64 * 48), c(*kernels, 32 * 48);
+    kernels->upload(a.data(), a_values.data(), a.size());
+    kernels->upload(b.data(), b_values.data(), b.size());
+    kernels->gemm(false, false, 32, 48, 64, 1.0, a.data(), 64, b.data(), 48, 0.0, c.data(), 48);
+    kernels->synchronize();
+    return freqkv::cuda_gemm_counts(*kernels);
+  };
+  const freqkv::CudaGemmCounts gemmex = counts_with_environment("gemmex");
+  EXPECT_EQ(gemmex.gemmex_calls, 1);
+  EXPECT_EQ(gemmex.lt_calls, 0);
+  EXPECT_EQ(gemmex.heuristic_calls, 0);
+  for (const char* choice : {"lt", "", static_cast<const char*>(nullptr)}) {
+    const freqkv::CudaGemmCounts lt = counts_with_environment(choice);
+    const std::string name = choice == nullptr ? "unset" : "'" + std::string(choice) + "'";
+    EXPECT_EQ(lt.lt_calls, 1) << "FREQKV_GEMM " << name;
+    EXPECT_EQ(lt.gemmex_calls, 0) << "FREQKV_GEMM " << name;
+    EXPECT_EQ(lt.heuristic_calls, 1) << "FREQKV_GEMM " << name;
+  }
 }
 
 TEST_F(CudaKernelsTest, VectorOperationsAndSumOfSquares) {

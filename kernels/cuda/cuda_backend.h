@@ -11,6 +11,7 @@
 // std::out_of_range naming the call and the row.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "kernels/compression_impl.h"
@@ -46,6 +47,26 @@ int cuda_kernels_device(Kernels<bf16>& kernels);
 // from the environment when the backend is made: FREQKV_ATTENTION=flash (or unset) or simple
 // (make_cuda_kernels throws std::invalid_argument for anything else).
 void set_cuda_flash_attention(Kernels<bf16>& kernels, bool enabled);
+
+// How the backend's GEMMs run: cuBLASLt (bf16 in and out, fp32 accumulation, the algorithm chosen
+// by cuBLASLt's heuristic once per shape and pointer alignment and cached; kernels/cuda/gemm_lt.cuh)
+// or cublasGemmEx (the same types). Lt falls back to GemmEx for a problem its heuristic has no
+// algorithm for. The default comes from the environment when the backend is made: FREQKV_GEMM=lt
+// (or unset) or gemmex (make_cuda_kernels throws std::invalid_argument for anything else).
+enum class CudaGemm { Lt, GemmEx };
+void set_cuda_gemm(Kernels<bf16>& kernels, CudaGemm gemm);
+
+// Counts since the backend was made, for tests and reports: cuBLASLt heuristic queries (one per
+// new entry of the algorithm cache: a repeated shape adds none), GEMMs run by cuBLASLt, and GEMMs
+// run by cublasGemmEx (chosen, or the fallback). K = 0 and empty GEMMs count in none.
+struct CudaGemmCounts {
+  int64_t heuristic_calls = 0;
+  int64_t lt_calls = 0;
+  int64_t gemmex_calls = 0;
+};
+CudaGemmCounts cuda_gemm_counts(Kernels<bf16>& kernels);
+// The first of those counts.
+int64_t cuda_gemm_heuristic_calls(Kernels<bf16>& kernels);
 
 // Device memory, for reports (freqkv bench).
 struct CudaMemoryStats {

@@ -3,12 +3,14 @@
 // This file holds the object and everything that is not a kernel: the stream, the cuBLAS handle,
 // memory and host transfers, argument checks (the same as the CPU backend's, with the same
 // exception types), the caches of small host-built tables (FreqKV compression matrices, RoPE
-// frequencies, attention tile lists), the GEMMs and the FreqKV compression. The kernels live in
-// one .cu file per family (cuda_launchers.cuh lists them).
+// frequencies, attention tile lists), the GEMMs' dispatch (cuBLASLt in gemm_lt.cu, cublasGemmEx)
+// and the FreqKV compression. The kernels live in one .cu file per family (cuda_launchers.cuh lists
+// them).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +31,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_launchers.cuh"
 #include "kernels/cuda/freqkv_fft.cuh"
+#include "kernels/cuda/gemm_lt.cuh"
 #include "kernels/freqkv_matrix.h"
 #include "kernels/kernel_math.h"
 
@@ -39,7 +42,8 @@ namespace {
 using cuda::as_nv;
 using cuda::throw_cuda_error;
 
-// cuBLAS's recommended workspace on Hopper.
+// cuBLAS's recommended workspace on Hopper, shared by the cuBLAS and cuBLASLt handles (both run
+// on the backend's one stream, so their uses of it are ordered).
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 // Host <-> device conversions go through a pinned buffer of this many bf16 values (8 MiB).
 constexpr size_t kStagingElements = size_t{1} << 22;
@@ -249,6 +253,10 @@ class CudaKernels final : public Kernels<bf16> {
   cudaStream_t stream() const { return stream_; }
   int device() const { return device_; }
   void set_flash_attention(bool enabled) { flash_attention_ = enabled; }
+  void set_gemm(CudaGemm gemm) { gemm_ = gemm; }
+  CudaGemmCounts gemm_counts() const {
+    return {lt_gemm_.heuristic_calls(), lt_gemm_.matmul_calls(), gemmex_calls_.load()};
+  }
   CudaMemoryStats memory_stats();
   void set_compression_impl(CompressionImpl impl) { compression_impl_ = impl; }
   void set_compression_crossover(int64_t n_in);
@@ -272,6 +280,9 @@ class CudaKernels final : public Kernels<bf16> {
   void release() noexcept;
 
   const bf16* compression_matrix(int64_t n_in, int64_t n_out);
+  // C = alpha op(A) op(B) + beta C by cublasGemmEx (arguments validated by gemm).
+  void gemm_ex(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const bf16* A,
+               int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc);
   // Validates freqkv_compress's arguments and says whether the cuFFT path runs them.
   bool compress_with_fft(int64_t n_in, int64_t n_out, int64_t channels, int64_t ld_in,
                          int64_t ld_out, const char* where) const;
@@ -287,7 +298,13 @@ class CudaKernels final : public Kernels<bf16> {
   bool stream_ordered_allocation_ = false;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  void* cublas_workspace_ = nullptr;
+  void* cublas_workspace_ = nullptr;  // also cuBLASLt's
+  // Environment FREQKV_GEMM, read once here: unset or "lt" = cuBLASLt with its algorithm cache
+  // (kernels/cuda/gemm_lt.cuh), "gemmex" = cublasGemmEx; Lt falls back to GemmEx for a problem
+  // its heuristic has no algorithm for.
+  CudaGemm gemm_ = cuda::gemm_impl_from_environment();
+  cuda::LtGemm lt_gemm_;
+  std::atomic<int64_t> gemmex_calls_{0};
   cuda::DeviceErrorReport* error_report_ = nullptr;       // device
   cuda::DeviceErrorReport* error_report_host_ = nullptr;  // pinned host copy
   uint16_t* staging_ = nullptr;                           // pinned, kStagingElements bf16
@@ -358,6 +375,7 @@ CudaKernels::CudaKernels(int device) : device_(device) {
             CUBLAS_STATUS_SUCCESS) {
       throw std::runtime_error("cuda-bf16: cannot attach the stream and workspace to cuBLAS");
     }
+    lt_gemm_.init(cublas_workspace_, kCublasWorkspaceBytes);
 
     check_cuda(cudaMalloc(&error_report_, sizeof(cuda::DeviceErrorReport)),
                "allocating the error report");
@@ -387,6 +405,7 @@ void CudaKernels::release() noexcept {
   attention_plans_.clear();
   fft_compression_.release();
   if (stream_ != nullptr) (void)cudaStreamSynchronize(stream_);
+  lt_gemm_.release();
   if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
   cublas_ = nullptr;
   if (cublas_workspace_ != nullptr) (void)cudaFree(cublas_workspace_);
@@ -648,7 +667,9 @@ void CudaKernels::download(double* host_dst, const bf16* src, int64_t n) {
 
 // Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T,
 // and a row-major matrix is its transpose in column-major with the same leading dimension: so
-// cuBLAS gets B first, then A, with the transposes as given and the sizes N, M.
+// cuBLAS gets B first, then A, with the transposes as given and the sizes N, M (cuBLASLt the
+// same, kernels/cuda/gemm_lt.cuh). cuBLASLt runs it unless FREQKV_GEMM=gemmex (set_cuda_gemm) or
+// its heuristic has no algorithm for the problem; then cublasGemmEx does.
 void CudaKernels::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
                        const bf16* A, int64_t lda, const bf16* B, int64_t ldb, double beta, bf16* C,
                        int64_t ldc) {
@@ -665,20 +686,31 @@ void CudaKernels::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t
   }
   check_leading_dimension(lda, trans_a ? M : K, "lda");
   check_leading_dimension(ldb, trans_b ? K : N, "ldb");
+  const int lda_i = blas_int(lda, "lda");
+  const int ldb_i = blas_int(ldb, "ldb");
+  const int ldc_i = blas_int(ldc, "ldc");
   const float alpha_f = static_cast<float>(alpha);
   const float beta_f = static_cast<float>(beta);
+  if (gemm_ == CudaGemm::Lt && lt_gemm_.run(stream_, trans_a, trans_b, m, n, k, alpha_f, as_nv(A),
+                                            lda_i, as_nv(B), ldb_i, beta_f, as_nv(C), ldc_i)) {
+    return;
+  }
+  gemm_ex(trans_a, trans_b, m, n, k, alpha_f, A, lda_i, B, ldb_i, beta_f, C, ldc_i);
+}
+
+void CudaKernels::gemm_ex(bool trans_a, bool trans_b, int m, int n, int k, float alpha,
+                          const bf16* A, int lda, const bf16* B, int ldb, float beta, bf16* C,
+                          int ldc) {
   const cublasStatus_t status = cublasGemmEx(
       cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k,
-      &alpha_f, B, CUDA_R_16BF, blas_int(ldb, "ldb"), A, CUDA_R_16BF, blas_int(lda, "lda"), &beta_f,
-      C, CUDA_R_16BF, blas_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      &alpha, B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta, C, CUDA_R_16BF, ldc,
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (status != CUBLAS_STATUS_SUCCESS) {
-    throw std::runtime_error(
-        std::string("cuda-bf16 gemm: cublasGemmEx failed with ") + cublasGetStatusString(status) +
-        " for trans_a = " + std::to_string(trans_a) + ", trans_b = " + std::to_string(trans_b) +
-        ", M = " + std::to_string(M) + ", N = " + std::to_string(N) + ", K = " + std::to_string(K) +
-        ", lda = " + std::to_string(lda) + ", ldb = " + std::to_string(ldb) +
-        ", ldc = " + std::to_string(ldc));
+    throw std::runtime_error(std::string("cuda-bf16 gemm: cublasGemmEx failed with ") +
+                             cublasGetStatusString(status) + " for " +
+                             cuda::describe_gemm(trans_a, trans_b, m, n, k, lda, ldb, ldc));
   }
+  ++gemmex_calls_;
 }
 
 double CudaKernels::sum_squares(const bf16* x, int64_t n) {
@@ -1000,6 +1032,18 @@ int cuda_kernels_device(Kernels<bf16>& kernels) {
 
 void set_cuda_flash_attention(Kernels<bf16>& kernels, bool enabled) {
   as_cuda_kernels(kernels, "set_cuda_flash_attention").set_flash_attention(enabled);
+}
+
+void set_cuda_gemm(Kernels<bf16>& kernels, CudaGemm gemm) {
+  as_cuda_kernels(kernels, "set_cuda_gemm").set_gemm(gemm);
+}
+
+CudaGemmCounts cuda_gemm_counts(Kernels<bf16>& kernels) {
+  return as_cuda_kernels(kernels, "cuda_gemm_counts").gemm_counts();
+}
+
+int64_t cuda_gemm_heuristic_calls(Kernels<bf16>& kernels) {
+  return as_cuda_kernels(kernels, "cuda_gemm_heuristic_calls").gemm_counts().heuristic_calls;
 }
 
 CudaMemoryStats cuda_memory_stats(Kernels<bf16>& kernels) {
