@@ -15,18 +15,23 @@ constexpr double kPi = 3.14159265358979323846;
 
 }  // namespace
 
-std::vector<double> dct_matrix(int64_t n) {
+std::vector<double> dct_matrix(int64_t n, int64_t rows) {
   if (n < 1) {
     throw std::invalid_argument("dct_matrix: the length must be >= 1, got n = " +
                                 std::to_string(n));
+  }
+  if (rows < 0) rows = n;
+  if (rows < 1 || rows > n) {
+    throw std::invalid_argument("dct_matrix: rows must be in 1.." + std::to_string(n) + ", got " +
+                                std::to_string(rows));
   }
   // cos(pi (2i+1) k / 2n) has period 4n in the integer (2i+1) k: reducing it first keeps the
   // argument of cos below 2 pi, where it is accurate, instead of growing like n^2.
   const int64_t period = 4 * n;
   const double a0 = std::sqrt(1.0 / static_cast<double>(n));
   const double ak = std::sqrt(2.0 / static_cast<double>(n));
-  std::vector<double> d(static_cast<size_t>(n * n));
-  for (int64_t k = 0; k < n; ++k) {
+  std::vector<double> d(static_cast<size_t>(rows * n));
+  for (int64_t k = 0; k < rows; ++k) {
     const double norm = k == 0 ? a0 : ak;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t phase = ((2 * i + 1) * k) % period;
@@ -46,8 +51,8 @@ std::vector<double> freqkv_compression_matrix(int64_t n_in, int64_t n_out) {
     throw std::invalid_argument("freqkv_compression_matrix: n_in = " + std::to_string(n_in) +
                                 " exceeds the BLAS integer range");
   }
-  const std::vector<double> d_out = dct_matrix(n_out);  // D_L, L x L
-  const std::vector<double> d_in = dct_matrix(n_in);    // D_N, N x N; its first L rows are used
+  const std::vector<double> d_out = dct_matrix(n_out);       // D_L, L x L
+  const std::vector<double> d_in = dct_matrix(n_in, n_out);  // D_N[0:L, :], the kept frequencies
   const int L = static_cast<int>(n_out);
   const int N = static_cast<int>(n_in);
   // P[L, N] = sqrt(L/N) * D_L^T[L, L] * D_N[0:L, N]: one GEMM (L^2 N flops; a naive triple loop

@@ -9,9 +9,10 @@ namespace freqkv {
 
 // The orthonormal DCT-II of length n as an n x n row-major matrix; row k is basis vector k:
 //   D[k, i] = a_k cos(pi (2i + 1) k / 2n),  a_0 = sqrt(1/n),  a_k = sqrt(2/n) for k > 0.
-// D is orthogonal, so its transpose is the inverse (the orthonormal DCT-III).
-// Throws std::invalid_argument unless n >= 1.
-std::vector<double> dct_matrix(int64_t n);
+// D is orthogonal, so its transpose is the inverse (the orthonormal DCT-III). With rows < n only
+// the first `rows` basis vectors are built (rows x n): the low frequencies compression keeps.
+// Throws std::invalid_argument unless n >= 1 and 1 <= rows <= n (rows = -1: all n).
+std::vector<double> dct_matrix(int64_t n, int64_t rows = -1);
 
 // The compression N -> L tokens, an L x N row-major matrix (L = n_out, N = n_in):
 //   P = sqrt(L/N) D_L^T D_N[0:L, :]

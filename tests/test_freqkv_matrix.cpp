@@ -104,9 +104,15 @@ TEST(DctMatrix, IsOrthonormal) {
   }
 }
 
-TEST(DctMatrix, RejectsEmptyLength) {
+TEST(DctMatrix, RejectsBadSizesAndBuildsLeadingRows) {
   EXPECT_THROW(freqkv::dct_matrix(0), std::invalid_argument);
   EXPECT_THROW(freqkv::dct_matrix(-3), std::invalid_argument);
+  EXPECT_THROW(freqkv::dct_matrix(4, 5), std::invalid_argument);
+  EXPECT_THROW(freqkv::dct_matrix(4, 0), std::invalid_argument);
+  // The first rows alone are the full matrix's first rows.
+  const std::vector<double> full = freqkv::dct_matrix(7), low = freqkv::dct_matrix(7, 3);
+  ASSERT_EQ(low.size(), 21u);
+  for (size_t i = 0; i < low.size(); ++i) EXPECT_EQ(low[i], full[i]) << i;
 }
 
 TEST(FreqkvCompressionMatrix, MatchesDctTruncateIdct) {
