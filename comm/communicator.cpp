@@ -7,6 +7,21 @@
 
 namespace freqkv {
 
+std::string comm_count_text(int64_t n, CommDType dtype) {
+  return std::to_string(n) + " x " + comm_dtype_name(dtype);
+}
+
+std::string format_rank_list(const std::vector<int>& ranks) {
+  std::string text;
+  const size_t shown = ranks.size() <= 8 ? ranks.size() : 3;
+  for (size_t i = 0; i < shown; ++i) text += (i ? "," : "") + std::to_string(ranks[i]);
+  if (shown < ranks.size()) {
+    text += ",...," + std::to_string(ranks.back()) + " (" + std::to_string(ranks.size()) +
+            " ranks)";
+  }
+  return text;
+}
+
 size_t comm_dtype_size(CommDType dtype) {
   switch (dtype) {
     case CommDType::kF32: return sizeof(float);

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/dtype.h"
 
@@ -30,6 +31,9 @@ template <> struct CommDTypeOf<int64_t> { static constexpr CommDType value = Com
 size_t comm_dtype_size(CommDType dtype);
 const char* comm_dtype_name(CommDType dtype);  // "f32", "f64", "bf16", "i32", "i64" (for messages)
 const char* reduce_op_name(ReduceOp op);       // "sum", "max"
+// For messages: "1024 x bf16", and ranks as "0,1,2,3" (up to 8) or "0,8,16,...,504 (64 ranks)".
+std::string comm_count_text(int64_t n, CommDType dtype);
+std::string format_rank_list(const std::vector<int>& ranks);
 
 class Communicator {
  public:

@@ -136,22 +136,6 @@ class ScopedType {
   MPI_Datatype type_ = MPI_DATATYPE_NULL;
 };
 
-// "0,1,2,3", or "0,8,16,...,504 (64 ranks)" for long lists.
-std::string format_rank_list(const std::vector<int>& ranks) {
-  std::string text;
-  const size_t shown = ranks.size() <= 8 ? ranks.size() : 3;
-  for (size_t i = 0; i < shown; ++i) text += (i ? "," : "") + std::to_string(ranks[i]);
-  if (shown < ranks.size()) {
-    text += ",...," + std::to_string(ranks.back()) + " (" + std::to_string(ranks.size()) +
-            " ranks)";
-  }
-  return text;
-}
-
-std::string count_text(int64_t n, CommDType dtype) {
-  return std::to_string(n) + " x " + comm_dtype_name(dtype);
-}
-
 const char* getenv_nonempty(const char* name) {
   const char* value = std::getenv(name);
   return value && *value ? value : nullptr;
@@ -376,7 +360,8 @@ void MpiCommunicator::all_reduce(void* data, int64_t n, CommDType dtype, ReduceO
   for (int64_t offset = 0; offset < n; offset += max_chunk_) {
     const int count = static_cast<int>(std::min(max_chunk_, n - offset));
     check(MPI_Allreduce(MPI_IN_PLACE, bytes + offset * element, count, type, mpi_reduce, comm_),
-          "MPI_Allreduce", "(" + std::string(reduce_op_name(op)) + ") of " + count_text(n, dtype));
+          "MPI_Allreduce",
+          "(" + std::string(reduce_op_name(op)) + ") of " + comm_count_text(n, dtype));
   }
 }
 
@@ -390,7 +375,7 @@ void MpiCommunicator::start_all_reduce_sum(void* data, int64_t n, CommDType dtyp
     const int count = static_cast<int>(std::min(max_chunk_, n - offset));
     MPI_Request request = MPI_REQUEST_NULL;
     check(MPI_Iallreduce(MPI_IN_PLACE, bytes + offset * element, count, type, sum, comm_, &request),
-          "MPI_Iallreduce", "(sum) of " + count_text(n, dtype));
+          "MPI_Iallreduce", "(sum) of " + comm_count_text(n, dtype));
     pending_.push_back(request);
   }
   pending_elements_ += n;
@@ -424,7 +409,7 @@ void MpiCommunicator::all_gather(const void* send, void* recv, int64_t n_per_ran
   const auto* in = static_cast<const unsigned char*>(send);
   // MPI forbids send aliasing recv; this rank's own block of recv is MPI's in-place form.
   const bool in_place = in == out + static_cast<size_t>(rank_) * n_per_rank * element;
-  const std::string detail = "of " + count_text(n_per_rank, dtype) + " per rank";
+  const std::string detail = "of " + comm_count_text(n_per_rank, dtype) + " per rank";
   if (n_per_rank <= max_chunk_) {
     const int count = static_cast<int>(n_per_rank);
     check(MPI_Allgather(in_place ? MPI_IN_PLACE : send, count, type, recv, count, type, comm_),
@@ -455,7 +440,7 @@ void MpiCommunicator::reduce_scatter(const void* send, void* recv, int64_t n_per
   const MPI_Datatype type = mpi_type(dtype);
   const MPI_Op sum = mpi_op(dtype, ReduceOp::kSum);
   const size_t element = comm_dtype_size(dtype);
-  const std::string detail = "(sum) of " + count_text(n_per_rank, dtype) + " per rank";
+  const std::string detail = "(sum) of " + comm_count_text(n_per_rank, dtype) + " per rank";
   // One MPI call reduces size_ blocks: keep the whole call within max_chunk elements.
   const int64_t chunk = std::max<int64_t>(1, max_chunk_ / size_);
   if (n_per_rank <= chunk) {
@@ -490,7 +475,7 @@ void MpiCommunicator::broadcast(void* data, int64_t n, CommDType dtype, int root
   for (int64_t offset = 0; offset < n; offset += max_chunk_) {
     const int count = static_cast<int>(std::min(max_chunk_, n - offset));
     check(MPI_Bcast(bytes + offset * element, count, type, root, comm_), "MPI_Bcast",
-          "of " + count_text(n, dtype) + " from root " + std::to_string(root));
+          "of " + comm_count_text(n, dtype) + " from root " + std::to_string(root));
   }
 }
 
@@ -508,7 +493,8 @@ void MpiCommunicator::reduce_to(void* data, int64_t n, CommDType dtype, int root
     // The root sums in place; the others only send (MPI leaves their buffer as it is).
     check(MPI_Reduce(rank_ == root ? MPI_IN_PLACE : chunk, rank_ == root ? chunk : nullptr,
                      count, type, sum, root, comm_),
-          "MPI_Reduce", "(sum) of " + count_text(n, dtype) + " to root " + std::to_string(root));
+          "MPI_Reduce",
+          "(sum) of " + comm_count_text(n, dtype) + " to root " + std::to_string(root));
   }
 }
 
@@ -525,7 +511,7 @@ void MpiCommunicator::send(const void* data, int64_t n, CommDType dtype, int pee
   for (int64_t offset = 0; offset < n; offset += max_chunk_) {
     const int count = static_cast<int>(std::min(max_chunk_, n - offset));
     check(MPI_Send(bytes + offset * element, count, type, peer, kPointToPointTag, comm_),
-          "MPI_Send", "of " + count_text(n, dtype) + " to peer " + std::to_string(peer));
+          "MPI_Send", "of " + comm_count_text(n, dtype) + " to peer " + std::to_string(peer));
   }
 }
 
@@ -540,7 +526,8 @@ void MpiCommunicator::recv(void* data, int64_t n, CommDType dtype, int peer) {
   const MPI_Datatype type = mpi_type(dtype);
   auto* bytes = static_cast<unsigned char*>(data);
   const size_t element = comm_dtype_size(dtype);
-  const std::string detail = "of " + count_text(n, dtype) + " from peer " + std::to_string(peer);
+  const std::string detail =
+      "of " + comm_count_text(n, dtype) + " from peer " + std::to_string(peer);
   for (int64_t offset = 0; offset < n; offset += max_chunk_) {
     const int count = static_cast<int>(std::min(max_chunk_, n - offset));
     MPI_Status status;

@@ -38,10 +38,6 @@ ncclRedOp_t nccl_op(ReduceOp op) {
                               std::to_string(static_cast<int>(op)));
 }
 
-std::string count_text(int64_t n, CommDType dtype) {
-  return std::to_string(n) + " x " + comm_dtype_name(dtype);
-}
-
 std::string cuda_error_text(cudaError_t status) {
   return std::string(cudaGetErrorName(status)) + " (" + cudaGetErrorString(status) + ")";
 }
@@ -380,7 +376,8 @@ void NcclCommunicator::all_reduce(void* data, int64_t n, CommDType dtype, Reduce
   begin("all_reduce");
   check_nccl(ncclAllReduce(data, data, static_cast<size_t>(n), nccl_type(dtype), nccl_op(op),
                            comm_, stream_),
-             "ncclAllReduce", std::string("(") + reduce_op_name(op) + ") of " + count_text(n, dtype));
+             "ncclAllReduce",
+             std::string("(") + reduce_op_name(op) + ") of " + comm_count_text(n, dtype));
   end("all_reduce");
 }
 
@@ -394,7 +391,7 @@ void NcclCommunicator::start_all_reduce_sum(void* data, int64_t n, CommDType dty
   wait_for(compute_);
   check_nccl(ncclAllReduce(data, data, static_cast<size_t>(n), nccl_type(dtype), ncclSum, comm_,
                            stream_),
-             "ncclAllReduce", "(sum, overlapped) of " + count_text(n, dtype));
+             "ncclAllReduce", "(sum, overlapped) of " + comm_count_text(n, dtype));
   device_reductions_pending_ = true;
 }
 
@@ -419,7 +416,7 @@ void NcclCommunicator::all_gather(const void* send, void* recv, int64_t n_per_ra
   begin("all_gather");
   check_nccl(ncclAllGather(send, recv, static_cast<size_t>(n_per_rank), nccl_type(dtype), comm_,
                            stream_),
-             "ncclAllGather", "of " + count_text(n_per_rank, dtype) + " per rank");
+             "ncclAllGather", "of " + comm_count_text(n_per_rank, dtype) + " per rank");
   end("all_gather");
 }
 
@@ -434,7 +431,7 @@ void NcclCommunicator::reduce_scatter(const void* send, void* recv, int64_t n_pe
   begin("reduce_scatter");
   check_nccl(ncclReduceScatter(send, recv, static_cast<size_t>(n_per_rank), nccl_type(dtype),
                                ncclSum, comm_, stream_),
-             "ncclReduceScatter", "(sum) of " + count_text(n_per_rank, dtype) + " per rank");
+             "ncclReduceScatter", "(sum) of " + comm_count_text(n_per_rank, dtype) + " per rank");
   end("reduce_scatter");
 }
 
@@ -449,7 +446,8 @@ void NcclCommunicator::broadcast(void* data, int64_t n, CommDType dtype, int roo
   begin("broadcast");
   check_nccl(ncclBroadcast(data, data, static_cast<size_t>(n), nccl_type(dtype), root, comm_,
                            stream_),
-             "ncclBroadcast", "of " + count_text(n, dtype) + " from root " + std::to_string(root));
+             "ncclBroadcast",
+             "of " + comm_count_text(n, dtype) + " from root " + std::to_string(root));
   end("broadcast");
 }
 
@@ -466,7 +464,8 @@ void NcclCommunicator::reduce_to(void* data, int64_t n, CommDType dtype, int roo
   // nothing is written into their data.
   check_nccl(ncclReduce(data, rank_ == root ? data : nullptr, static_cast<size_t>(n),
                         nccl_type(dtype), ncclSum, root, comm_, stream_),
-             "ncclReduce", "(sum) of " + count_text(n, dtype) + " to root " + std::to_string(root));
+             "ncclReduce",
+             "(sum) of " + comm_count_text(n, dtype) + " to root " + std::to_string(root));
   end("reduce_to");
 }
 
@@ -485,7 +484,7 @@ void NcclCommunicator::send(const void* data, int64_t n, CommDType dtype, int pe
   }
   begin("send");
   check_nccl(ncclSend(data, static_cast<size_t>(n), nccl_type(dtype), peer, comm_, stream_),
-             "ncclSend", "of " + count_text(n, dtype) + " to peer " + std::to_string(peer));
+             "ncclSend", "of " + comm_count_text(n, dtype) + " to peer " + std::to_string(peer));
   end("send");
 }
 
@@ -504,7 +503,7 @@ void NcclCommunicator::recv(void* data, int64_t n, CommDType dtype, int peer) {
   }
   begin("recv");
   check_nccl(ncclRecv(data, static_cast<size_t>(n), nccl_type(dtype), peer, comm_, stream_),
-             "ncclRecv", "of " + count_text(n, dtype) + " from peer " + std::to_string(peer));
+             "ncclRecv", "of " + comm_count_text(n, dtype) + " from peer " + std::to_string(peer));
   end("recv");
 }
 

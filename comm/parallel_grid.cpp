@@ -25,18 +25,6 @@ std::string this_host_name() {
   return name;
 }
 
-// "0,1,2,3" for up to 8 ranks, "0,8,16,...,504 (64 ranks)" beyond.
-std::string format_ranks(const std::vector<int>& ranks) {
-  std::string text;
-  const size_t shown = ranks.size() <= 8 ? ranks.size() : 3;
-  for (size_t i = 0; i < shown; ++i) text += (i ? "," : "") + std::to_string(ranks[i]);
-  if (shown < ranks.size()) {
-    text += ",...," + std::to_string(ranks.back()) + " (" + std::to_string(ranks.size()) +
-            " ranks)";
-  }
-  return text;
-}
-
 std::string pad_right(const std::string& text, size_t width) {
   // Pads by characters of the (ASCII) cell text.
   return text + std::string(width > text.size() ? width - text.size() : 0, ' ');
@@ -196,9 +184,9 @@ std::string ParallelGrid::table() const {
     const GridCoord c = coord_of(shape_, r);
     rows.push_back({std::to_string(r), host_names_[static_cast<size_t>(r)], std::to_string(c.tp),
                     std::to_string(c.sp), std::to_string(c.dp),
-                    format_ranks(group_ranks(shape_, GridDim::kTp, r)),
-                    format_ranks(group_ranks(shape_, GridDim::kSp, r)),
-                    format_ranks(group_ranks(shape_, GridDim::kDp, r))});
+                    format_rank_list(group_ranks(shape_, GridDim::kTp, r)),
+                    format_rank_list(group_ranks(shape_, GridDim::kSp, r)),
+                    format_rank_list(group_ranks(shape_, GridDim::kDp, r))});
   }
   std::vector<size_t> width(header.size());
   for (size_t col = 0; col < header.size(); ++col) {
