@@ -46,6 +46,7 @@
 #include "model/llama_model.h"
 #include "trainer/cli_args.h"
 #include "trainer/commands.h"
+#include "trainer/human_units.h"
 
 namespace freqkv {
 
@@ -304,18 +305,6 @@ std::string format(const char* spec, double value) {
   return text;
 }
 
-std::string human(double value) {
-  if (value >= 1e9) return format("%.2fB", value / 1e9);
-  if (value >= 1e6) return format("%.2fM", value / 1e6);
-  if (value >= 1e3) return format("%.1fK", value / 1e3);
-  return format("%.0f", value);
-}
-
-std::string bytes_text(double bytes) {
-  if (bytes >= 1024.0 * 1024 * 1024) return format("%.2f GiB", bytes / (1024.0 * 1024 * 1024));
-  return format("%.1f MiB", bytes / (1024.0 * 1024));
-}
-
 const std::vector<std::string> kHeader = {"length", "attention", "chunks",  "step s", "tokens/s",
                                           "TFLOP/step", "TFLOP/s", "MFU", "peak memory"};
 
@@ -333,7 +322,7 @@ std::vector<std::string> row_cells(const CaseResult& r, const std::optional<doub
   cells.push_back(format("%.4g", r.flops.total() / 1e12));
   cells.push_back(format(tflops < 1 ? "%.4f" : "%.1f", tflops));
   cells.push_back(peak ? format("%.1f%%", 100.0 * tflops / *peak) : "n/a");
-  cells.push_back(bytes_text(r.peak_bytes));
+  cells.push_back(format_bytes(static_cast<int64_t>(r.peak_bytes)));
   return cells;
 }
 
@@ -364,8 +353,8 @@ int run_bench(const BenchOptions& o, Kernels<T>& kernels, MemoryProbe& memory) {
   const ParamTable table = llama_param_table(c);
   std::printf("freqkv bench: %s: %s parameters (%s in GEMMs), %lld layer%s, hidden %lld, heads "
               "%lld/%lld kv, head_dim %lld, vocab %lld\n",
-              o.shape_name.c_str(), human(static_cast<double>(table.total_numel())).c_str(),
-              human(static_cast<double>(gemm_parameters(c))).c_str(),
+              o.shape_name.c_str(), format_count(table.total_numel()).c_str(),
+              format_count(gemm_parameters(c)).c_str(),
               static_cast<long long>(c.num_hidden_layers), c.num_hidden_layers == 1 ? "" : "s",
               static_cast<long long>(c.hidden_size),
               static_cast<long long>(c.num_attention_heads),
@@ -437,7 +426,7 @@ int run_bench(const BenchOptions& o, Kernels<T>& kernels, MemoryProbe& memory) {
   std::printf("FLOPs per step: GEMMs 6 x %s parameters x tokens; attention over the unmasked "
               "(query, key) pairs of each chunk, 4 x pairs x head_dim x heads forward, x3 with "
               "the backward; compressions 4 x kept x compressed rows x 2 kv_heads x head_dim\n",
-              human(static_cast<double>(gemm_parameters(c))).c_str());
+              format_count(gemm_parameters(c)).c_str());
   bool any_failed = false;
   for (const CaseResult& r : results) any_failed = any_failed || !r.error.empty();
   return any_failed ? 1 : 0;

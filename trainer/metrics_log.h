@@ -35,7 +35,4 @@ class MetricsLog {
   std::ofstream out_;
 };
 
-std::string format_duration(double seconds);  // "1:02:03" or "2:03"
-std::string format_bytes(int64_t bytes);      // "812 B", "3.5 KiB", "12.0 MiB", "1.25 GiB"
-
 }  // namespace freqkv

@@ -10,23 +10,11 @@
 #include "comm/mpi_communicator.h"
 #include "model/hf_checkpoint.h"
 #include "trainer/checkpoint_dir.h"
+#include "trainer/human_units.h"
 #include "trainer/model_checkpoint.h"
 #include "trainer/train_setup.h"
 
 namespace freqkv {
-
-namespace {
-
-std::string human_count(int64_t n) {
-  char buf[32];
-  if (n >= 1000000000) std::snprintf(buf, sizeof buf, "%.2fB", n / 1e9);
-  else if (n >= 1000000) std::snprintf(buf, sizeof buf, "%.2fM", n / 1e6);
-  else if (n >= 1000) std::snprintf(buf, sizeof buf, "%.1fK", n / 1e3);
-  else std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(n));
-  return buf;
-}
-
-}  // namespace
 
 template <typename T>
 TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
@@ -104,7 +92,7 @@ TrainingRun<T>::TrainingRun(const TrainConfig& config, Kernels<T>& kernels,
   std::printf("freqkv train: model %s, %s parameters (%s trained%s), backend %s\n",
               config_.model.path.empty() ? config_.model.init_config.c_str()
                                          : config_.model.path.c_str(),
-              human_count(model_->param_table().total_numel()).c_str(), human_count(trained).c_str(),
+              format_count(model_->param_table().total_numel()).c_str(), format_count(trained).c_str(),
               config_.lora.enabled ? ", LoRA" : ", full fine-tuning", kernels_.name().c_str());
   std::printf("freqkv train: %lld steps x %lld sequences x %lld tokens; attention: %s\n",
               static_cast<long long>(config_.schedule.steps),

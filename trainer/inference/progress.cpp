@@ -6,24 +6,9 @@
 #include <cmath>
 #include <utility>
 
+#include "trainer/human_units.h"
+
 namespace freqkv {
-
-namespace {
-
-// "1:05:03", "4:07" (hours only when needed).
-std::string clock_text(double seconds) {
-  const int64_t s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
-  char text[32];
-  if (s >= 3600)
-    std::snprintf(text, sizeof(text), "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
-                  static_cast<long long>(s / 60 % 60), static_cast<long long>(s % 60));
-  else
-    std::snprintf(text, sizeof(text), "%lld:%02lld", static_cast<long long>(s / 60),
-                  static_cast<long long>(s % 60));
-  return text;
-}
-
-}  // namespace
 
 ProgressLine::ProgressLine(std::string label, int64_t total, std::FILE* stream)
     : label_(std::move(label)),
@@ -43,10 +28,10 @@ std::string ProgressLine::render(int64_t done, const std::string& detail) const 
   bar.resize(kWidth, '.');
   char text[160];
   std::snprintf(text, sizeof(text), "%s [%s] %5.1f%% elapsed %s", label_.c_str(), bar.c_str(),
-                100.0 * fraction, clock_text(elapsed).c_str());
+                100.0 * fraction, format_duration(elapsed).c_str());
   std::string line = text;
   if (fraction > 0 && fraction < 1)
-    line += " eta " + clock_text(elapsed * (1.0 - fraction) / fraction);
+    line += " eta " + format_duration(elapsed * (1.0 - fraction) / fraction);
   if (!detail.empty()) line += " | " + detail;
   return line;
 }
