@@ -34,13 +34,13 @@ FreqKVDecoder<T>::FreqKVDecoder(LlamaModel<T>& model, const FreqKVConfig& freqkv
   if (max_chunk_tokens_ < 1)
     throw std::invalid_argument("FreqKVDecoder: max_chunk_tokens must be >= 1, got " +
                                 std::to_string(max_chunk_tokens_));
-  // The model checked at construction that heads, FFN columns and vocabulary divide by tp.
-  q_heads_ = config_.num_attention_heads / tp_size_;
-  kv_heads_ = config_.num_key_value_heads / tp_size_;
-  ffn_width_ = config_.intermediate_size / tp_size_;
+  // This rank's share of the layers, as the model holds it.
+  q_heads_ = model.rank_dims_.heads;
+  kv_heads_ = model.rank_dims_.kv_heads;
+  ffn_width_ = model.rank_dims_.ffn;
   vocab_local_ = model.vocab_local_;
-  q_width_ = q_heads_ * config_.head_dim;
-  kv_width_ = kv_heads_ * config_.head_dim;
+  q_width_ = model.rank_dims_.q_width;
+  kv_width_ = model.rank_dims_.k_width;
 
   cache_.resize(static_cast<size_t>(config_.num_hidden_layers));
   if (freqkv_.enabled) {  // the cache never exceeds C rows: allocate it once

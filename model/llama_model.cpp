@@ -54,6 +54,12 @@ LlamaModel<T>::LlamaModel(const ModelConfig& config, const FreqKVConfig& freqkv,
   require_divisible("intermediate_size", config_.intermediate_size);
   require_divisible("vocab_size", config_.vocab_size);
   vocab_local_ = config_.vocab_size / tp_size_;
+  rank_dims_.heads = config_.num_attention_heads / tp_size_;
+  rank_dims_.kv_heads = config_.num_key_value_heads / tp_size_;
+  rank_dims_.ffn = config_.intermediate_size / tp_size_;
+  rank_dims_.q_width = rank_dims_.heads * config_.head_dim;
+  rank_dims_.k_width = rank_dims_.kv_heads * config_.head_dim;
+  rank_dims_.kv_width = 2 * rank_dims_.k_width;
   vocab_begin_ = tp_rank_ * vocab_local_;
 
   // This rank's shard of each parameter, packed one after another in the arenas.
@@ -292,10 +298,8 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len, bool training) {
   if (batch == batch_ && seq_len == seq_len_ && training == prepared_training_) return;
   prepared_training_ = training;
   const ModelConfig& c = config_;
-  const int64_t H = c.hidden_size, I = c.intermediate_size / tp_size_;
-  const int64_t q_width = c.num_attention_heads / tp_size_ * c.head_dim;
-  // This rank's key/value heads: K columns, then V columns.
-  const int64_t kv_width = 2 * c.num_key_value_heads / tp_size_ * c.head_dim;
+  const int64_t H = c.hidden_size, I = rank_dims_.ffn;
+  const int64_t q_width = rank_dims_.q_width, kv_width = rank_dims_.kv_width;
 
   schedule_ = FreqKVSchedule::build(seq_len, freqkv_);
   shard_ = sequence_shard(seq_len);
@@ -347,7 +351,7 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len, bool training) {
     a.q = Buffer<T>(kernels_, N * q_width);
     a.kv_rows = Buffer<T>(kernels_, batch * R * kv_width);
     a.att = Buffer<T>(kernels_, N * q_width);
-    a.lse = Buffer<Acc<T>>(kernels_, N * c.num_attention_heads / tp_size_);
+    a.lse = Buffer<Acc<T>>(kernels_, N * rank_dims_.heads);
     a.res_mid = Buffer<T>(kernels_, N * H);
     a.norm2 = Buffer<T>(kernels_, N * H);
     a.rstd2 = Buffer<Acc<T>>(kernels_, N);
@@ -402,7 +406,7 @@ void LlamaModel<T>::prepare(int64_t batch, int64_t seq_len, bool training) {
 
 template <typename T>
 void LlamaModel<T>::apply_compressions(T* kv_rows, bool backward) {
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
+  const int64_t width = rank_dims_.kv_width;
   const auto& steps = shard_.compressions;
   for (int64_t b = 0; b < batch_; ++b) {
     T* base = kv_rows + b * shard_.kv_rows * width;
@@ -503,7 +507,7 @@ void LlamaModel<T>::reduce_input_grad(T* dx, int64_t n) {
 
 template <typename T>
 void LlamaModel<T>::exchange_sinks_forward(T* kv_ext) {
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim, S = freqkv_.sink;
+  const int64_t width = rank_dims_.kv_width, S = freqkv_.sink;
   Communicator& sp = *parallel_.sp;
   if (sp.rank() == 0)  // rank 0 holds tokens 0..S-1 of every sequence
     for (int64_t b = 0; b < batch_; ++b)
@@ -514,7 +518,7 @@ void LlamaModel<T>::exchange_sinks_forward(T* kv_ext) {
 
 template <typename T>
 void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim, S = freqkv_.sink;
+  const int64_t width = rank_dims_.kv_width, S = freqkv_.sink;
   Communicator& sp = *parallel_.sp;
   sp.reduce_sum_to(d_kv_ext, sink_rows_ * width, 0);
   if (sp.rank() == 0)
@@ -535,7 +539,7 @@ void LlamaModel<T>::exchange_sinks_backward(T* d_kv_ext) {
 
 template <typename T>
 T* LlamaModel<T>::memory_in_rows(T* kv_rows, int64_t b) const {
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
+  const int64_t width = rank_dims_.kv_width;
   return kv_rows + (b * shard_.kv_rows + shard_.memory_in_row) * width;
 }
 
@@ -546,7 +550,7 @@ void LlamaModel<T>::memory_chain_forward(T* kv_rows, int64_t l, bool replay) {
     apply_compressions(kv_rows, false);
     return;
   }
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
+  const int64_t width = rank_dims_.kv_width;
   const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
   const size_t memory_bytes = static_cast<size_t>(L * width) * sizeof(T);
   Kernels<T>& k = kernels_;
@@ -589,7 +593,7 @@ void LlamaModel<T>::memory_chain_backward(T* d_kv_rows) {
   apply_compressions(d_kv_rows, true);  // the true chain: what this rank's attention asks
   const bool has_in = shard_.memory_in_row >= 0, has_out = shard_.memory_out_row >= 0;
   if (!has_in && !has_out) return;
-  const int64_t width = 2 * config_.num_key_value_heads / tp_size_ * config_.head_dim;
+  const int64_t width = rank_dims_.kv_width;
   const int64_t L = freqkv_.compressed(), F = freqkv_.compressible();
   const size_t memory_bytes = static_cast<size_t>(L * width) * sizeof(T);
   Kernels<T>& k = kernels_;
@@ -621,11 +625,10 @@ void LlamaModel<T>::memory_chain_backward(T* d_kv_rows) {
 template <typename T>
 void LlamaModel<T>::layer_forward(int64_t l, bool replay) {
   const ModelConfig& c = config_;
-  // This rank's heads and FFN columns (all of them without tensor parallelism).
-  const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size / tp_size_;
-  const int64_t D = c.head_dim;
-  const int64_t Hq = c.num_attention_heads / tp_size_, Hkv = c.num_key_value_heads / tp_size_;
-  const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
+  const int64_t N = n_tokens_, H = c.hidden_size, I = rank_dims_.ffn, D = c.head_dim;
+  const int64_t Hq = rank_dims_.heads, Hkv = rank_dims_.kv_heads;
+  const int64_t q_width = rank_dims_.q_width, k_width = rank_dims_.k_width;
+  const int64_t kv_width = rank_dims_.kv_width;
   const LayerParams& p = layers_[l];
   LayerActivations& a = activations(l);
   const T* x = residual_[l].data();
@@ -776,11 +779,10 @@ void LlamaModel<T>::classifier_block_tp(int64_t r0, int64_t rows, double grad_sc
 template <typename T>
 void LlamaModel<T>::layer_backward(int64_t l) {
   const ModelConfig& c = config_;
-  // This rank's heads and FFN columns (all of them without tensor parallelism).
-  const int64_t N = n_tokens_, H = c.hidden_size, I = c.intermediate_size / tp_size_;
-  const int64_t D = c.head_dim;
-  const int64_t Hq = c.num_attention_heads / tp_size_, Hkv = c.num_key_value_heads / tp_size_;
-  const int64_t q_width = Hq * D, k_width = Hkv * D, kv_width = 2 * k_width;
+  const int64_t N = n_tokens_, H = c.hidden_size, I = rank_dims_.ffn, D = c.head_dim;
+  const int64_t Hq = rank_dims_.heads, Hkv = rank_dims_.kv_heads;
+  const int64_t q_width = rank_dims_.q_width, k_width = rank_dims_.k_width;
+  const int64_t kv_width = rank_dims_.kv_width;
   const LayerParams& p = layers_[l];
   LayerActivations& a = activations(l);
   Kernels<T>& k = kernels_;

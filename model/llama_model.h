@@ -241,6 +241,12 @@ class LlamaModel {
   std::vector<LocalParam> local_;
   int tp_rank_ = 0, tp_size_ = 1;
   int64_t vocab_begin_ = 0, vocab_local_ = 0;  // this rank's rows of embeddings and LM head
+  // This rank's share of a layer (all of it without tensor parallelism): query heads, kv heads,
+  // FFN columns, and the widths of q, of k, and of K and V side by side in the kv rows.
+  struct RankDims {
+    int64_t heads = 0, kv_heads = 0, ffn = 0, q_width = 0, k_width = 0, kv_width = 0;
+  };
+  RankDims rank_dims_;
   std::vector<int64_t> column_lora_a_;  // LoRA A of column-parallel layers: gradient summed over tp
   Buffer<int64_t> embed_rows_;          // vocabulary-parallel lookup: local row per token or -1
   Buffer<T> params_, grads_;
