@@ -19,6 +19,7 @@
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/freqkv_decoder.h"
 #include "model/llama_model.h"
+#include "tests/model_fixtures.h"
 #include "tests/test_support.h"
 
 namespace freqkv {
@@ -36,29 +37,6 @@ ModelConfig tiny_config(int64_t n_kv_heads, int64_t vocab = 13) {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 100.0;  // small theta: positions matter even in a short sequence
   return c;
-}
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(vocab - 1));
-  std::vector<int32_t> tokens(static_cast<size_t>(n));
-  for (int32_t& t : tokens) t = pick(rng);
-  return tokens;
-}
-
-// Weights of a size that makes attention matter (std 0.5), and LoRA B non-zero so that the
-// adapters change the result.
-void init_model(LlamaModel<double>& model, uint64_t seed) {
-  model.init_random(seed, 0.5);
-  std::mt19937_64 rng(seed + 7);
-  std::normal_distribution<double> normal(0.0, 0.3);
-  for (size_t i = 0; i < model.param_table().size(); ++i) {
-    const ParamSpec& spec = model.param_table()[i];
-    if (spec.role != ParamRole::kLoraB) continue;
-    std::vector<double> values(static_cast<size_t>(spec.numel()));
-    for (double& v : values) v = normal(rng);
-    model.set_param(i, values.data());
-  }
 }
 
 // The loss LlamaModel::forward gives target `target` after tokens[0..t] (only that one scored).

@@ -22,6 +22,7 @@
 #include "model/llama_model.h"
 #include "trainer/inference/generation.h"
 #include "trainer/inference/sampling.h"
+#include "tests/model_fixtures.h"
 #include "tests/test_support.h"
 
 namespace freqkv {
@@ -62,29 +63,6 @@ LoraConfig lora_config(bool enabled) {
   lora.alpha = 3;
   lora.targets = {"q_proj", "v_proj", "o_proj", "up_proj", "down_proj"};  // column and row
   return lora;
-}
-
-// The same logical weights on every model (set_param slices them under tp): std 0.5 so that
-// attention matters, LoRA B non-zero so that the adapters change the result.
-template <typename T>
-void init_model(LlamaModel<T>& model, uint64_t seed) {
-  model.init_random(seed, 0.5);
-  std::mt19937_64 rng(seed + 7);
-  std::normal_distribution<double> normal(0.0, 0.3);
-  for (size_t i = 0; i < model.param_table().size(); ++i) {
-    const ParamSpec& spec = model.param_table()[i];
-    if (spec.role != ParamRole::kLoraB) continue;
-    std::vector<double> values(static_cast<size_t>(spec.numel()));
-    for (double& v : values) v = normal(rng);
-    model.set_param(i, values.data());
-  }
-}
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> tokens(static_cast<size_t>(n));
-  for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
-  return tokens;
 }
 
 // max |got - want| / max(1, max |want|): the error relative to the logits' scale.

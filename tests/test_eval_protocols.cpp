@@ -17,6 +17,7 @@
 #include "trainer/inference/perplexity.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "model/freqkv_decoder.h"
+#include "tests/test_support.h"
 
 namespace freqkv {
 namespace {
@@ -41,14 +42,6 @@ FreqKVConfig small_cache() {
   f.sink = 2;
   f.ratio = 0.5;
   return f;
-}
-
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(vocab - 1));
-  std::vector<int32_t> tokens(static_cast<size_t>(n));
-  for (int32_t& t : tokens) t = pick(rng);
-  return tokens;
 }
 
 TokenReader reader_of(const std::vector<int32_t>& tokens) {

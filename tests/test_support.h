@@ -8,6 +8,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -53,4 +54,13 @@ inline freqkv::FreqKVConfig freqkv_config(int64_t cache, int64_t sink, double ra
   f.sink = sink;
   f.ratio = ratio;
   return f;
+}
+
+// n token ids drawn uniformly from [0, vocab), the same for the same seed.
+inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> tokens(static_cast<size_t>(n));
+  for (int32_t& t : tokens) t = pick(rng);
+  return tokens;
 }
