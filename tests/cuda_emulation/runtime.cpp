@@ -1,0 +1,271 @@
+// The emulated CUDA runtime (include/cuda_runtime.h): one device whose memory is host memory.
+// Allocations are tracked, so copies and frees check what the runtime would have to trust:
+// a device pointer must lie inside a device allocation with room for the copy, a host pointer
+// must not, and only what was allocated is freed.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace {
+
+constexpr int kMultiprocessors = 4;  // few blocks for grid-stride kernels: the emulator is slow
+constexpr size_t kDeviceBytes = size_t{16} << 30;
+
+struct Allocation {
+  size_t bytes;
+  bool device;       // cudaMalloc / cudaMallocAsync; false: cudaMallocHost
+  bool stream_pool;  // cudaMallocAsync
+};
+
+struct RuntimeState {
+  std::mutex mutex;
+  std::map<const char*, Allocation> allocations;
+  size_t device_bytes = 0;
+  size_t pool_bytes = 0;
+  size_t pool_high = 0;
+  cudaError_t last_error = cudaSuccess;
+  int streams = 0;
+};
+
+RuntimeState& state() {
+  static RuntimeState instance;
+  return instance;
+}
+
+cudaError_t fail(cudaError_t error, const std::string& why) {
+  // The runtime returns codes; a failed check here is nearly always a bug in the caller, so the
+  // reason goes to stderr where a failing test shows it.
+  std::cerr << "CUDA emulator: " << why << "\n";
+  state().last_error = error;
+  return error;
+}
+
+// The allocation holding [p, p + bytes), or nullptr.
+const Allocation* find(const void* p, size_t bytes, const char** base = nullptr) {
+  auto& allocations = state().allocations;
+  const char* c = static_cast<const char*>(p);
+  auto it = allocations.upper_bound(c);
+  if (it == allocations.begin()) return nullptr;
+  --it;
+  if (c < it->first || c + bytes > it->first + std::max<size_t>(it->second.bytes, 1)) {
+    return nullptr;
+  }
+  if (base != nullptr) *base = it->first;
+  return &it->second;
+}
+
+cudaError_t allocate(void** ptr, size_t bytes, bool device, bool stream_pool) {
+  if (ptr == nullptr) return fail(cudaErrorInvalidValue, "allocation with a null result pointer");
+  RuntimeState& s = state();
+  if (device && s.device_bytes + bytes > kDeviceBytes) {
+    *ptr = nullptr;
+    return fail(cudaErrorMemoryAllocation, "out of emulated device memory");
+  }
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) {
+    return fail(cudaErrorMemoryAllocation, "host allocation failed");
+  }
+  // Fresh device memory holds garbage: NaN as float and bf16, so reading it before writing shows.
+  std::memset(p, 0xff, std::max<size_t>(bytes, 1));
+  s.allocations[static_cast<const char*>(p)] = Allocation{bytes, device, stream_pool};
+  if (device) s.device_bytes += bytes;
+  if (stream_pool) {
+    s.pool_bytes += bytes;
+    s.pool_high = std::max(s.pool_high, s.pool_bytes);
+  }
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t release(void* ptr, bool device, const char* call) {
+  if (ptr == nullptr) return cudaSuccess;
+  RuntimeState& s = state();
+  auto it = s.allocations.find(static_cast<const char*>(ptr));
+  if (it == s.allocations.end() || it->second.device != device) {
+    return fail(cudaErrorInvalidValue, std::string(call) + " of a pointer it did not allocate");
+  }
+  if (device) s.device_bytes -= it->second.bytes;
+  if (it->second.stream_pool) s.pool_bytes -= it->second.bytes;
+  s.allocations.erase(it);
+  std::free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t check_side(const void* p, size_t bytes, bool want_device, const char* role) {
+  const Allocation* a = find(p, bytes);
+  const bool is_device = a != nullptr && a->device;
+  if (want_device && !is_device) {
+    return fail(cudaErrorInvalidValue, std::string("cudaMemcpy: the ") + role + " (" +
+                                           std::to_string(bytes) +
+                                           " bytes) is not inside one device allocation");
+  }
+  if (!want_device && find(p, 1) != nullptr && find(p, 1)->device) {
+    return fail(cudaErrorInvalidValue,
+                std::string("cudaMemcpy: the ") + role + " is device memory, the kind says host");
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+namespace emu {
+void set_last_error(int error) { state().last_error = static_cast<cudaError_t>(error); }
+}  // namespace emu
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+  }
+  return "cudaErrorUnknown";
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorNotSupported: return "operation not supported";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t error = state().last_error;
+  state().last_error = cudaSuccess;
+  return error;
+}
+cudaError_t cudaPeekAtLastError() { return state().last_error; }
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice, "cudaSetDevice: one device");
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return fail(cudaErrorInvalidDevice, "cudaDeviceGetAttribute: one device");
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = kMultiprocessors; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; return cudaSuccess;
+    case cudaDevAttrMemoryPoolsSupported: *value = 1; return cudaSuccess;
+  }
+  return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: an attribute the emulator lacks");
+}
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  *total_bytes = kDeviceBytes;
+  *free_bytes = kDeviceBytes - state().device_bytes;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** ptr, size_t bytes) { return allocate(ptr, bytes, true, false); }
+cudaError_t cudaFree(void* ptr) { return release(ptr, true, "cudaFree"); }
+cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) {
+  return allocate(ptr, bytes, true, true);
+}
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) { return release(ptr, true, "cudaFreeAsync"); }
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return allocate(ptr, bytes, false, false); }
+cudaError_t cudaFreeHost(void* ptr) { return release(ptr, false, "cudaFreeHost"); }
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  if (bytes == 0) return cudaSuccess;
+  if (kind != cudaMemcpyDefault) {
+    const bool dst_device = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+    const bool src_device = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+    cudaError_t e = check_side(dst, bytes, dst_device, "destination");
+    if (e != cudaSuccess) return e;
+    e = check_side(src, bytes, src_device, "source");
+    if (e != cudaSuccess) return e;
+  }
+  std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t) {
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
+  if (bytes == 0) return cudaSuccess;
+  const Allocation* a = find(ptr, bytes);
+  if (a == nullptr || !a->device) {
+    return fail(cudaErrorInvalidValue, "cudaMemset of " + std::to_string(bytes) +
+                                           " bytes not inside one device allocation");
+  }
+  std::memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
+  return cudaMemset(ptr, value, bytes);
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  // A distinct non-null token per stream.
+  *stream = reinterpret_cast<cudaStream_t>(new char);
+  ++state().streams;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  if (stream == nullptr) return fail(cudaErrorInvalidValue, "cudaStreamDestroy(null)");
+  delete reinterpret_cast<char*>(stream);
+  --state().streams;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
+  if (device != 0) return fail(cudaErrorInvalidDevice, "cudaDeviceGetDefaultMemPool: one device");
+  static char token;
+  *pool = reinterpret_cast<cudaMemPool_t>(&token);
+  return cudaSuccess;
+}
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* value) {
+  switch (attr) {
+    case cudaMemPoolAttrReleaseThreshold: return cudaSuccess;
+    case cudaMemPoolAttrUsedMemHigh:
+    case cudaMemPoolAttrReservedMemHigh:
+      // The runtime accepts only 0 here: it resets the high-water mark to what is in use.
+      if (*static_cast<uint64_t*>(value) != 0) {
+        return fail(cudaErrorInvalidValue, "cudaMemPoolSetAttribute: a high-water mark resets to 0");
+      }
+      state().pool_high = state().pool_bytes;
+      return cudaSuccess;
+    default: return fail(cudaErrorInvalidValue, "cudaMemPoolSetAttribute: read-only attribute");
+  }
+}
+cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr attr, void* value) {
+  uint64_t* out = static_cast<uint64_t*>(value);
+  switch (attr) {
+    case cudaMemPoolAttrReleaseThreshold: *out = 0; return cudaSuccess;
+    case cudaMemPoolAttrReservedMemCurrent:
+    case cudaMemPoolAttrUsedMemCurrent: *out = state().pool_bytes; return cudaSuccess;
+    case cudaMemPoolAttrReservedMemHigh:
+    case cudaMemPoolAttrUsedMemHigh: *out = state().pool_high; return cudaSuccess;
+  }
+  return fail(cudaErrorInvalidValue, "cudaMemPoolGetAttribute: unknown attribute");
+}

@@ -1,0 +1,324 @@
+// The SIMT emulator's scheduler (simt.h): one fiber per CUDA thread, blocks one at a time.
+#include "simt.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <map>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;  // kernels keep tiles of registers in local arrays
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr size_t kDefaultDynamicSharedLimit = 48 * 1024;
+constexpr size_t kMaxDynamicShared = 227 * 1024;  // sm_90's opt-in maximum per block
+constexpr int kCudaErrorInvalidValue = 1;
+constexpr int kCudaErrorInvalidConfiguration = 9;
+
+enum class FiberState { Ready, AtBlockBarrier, AtWarpBarrier, Done };
+enum class Schedule { Forward, Reverse, Shuffled };
+
+struct Fiber {
+  ThreadState thread;
+  ucontext_t context;
+  FiberState state = FiberState::Done;
+};
+
+struct WarpExchange {
+  alignas(16) unsigned char slots[32][32];
+  const void* pointers[32][4];
+  int live = 0;     // lanes that have not returned
+  int arrived = 0;  // lanes waiting at the warp barrier
+};
+
+struct Emulator {
+  char* stacks = nullptr;  // kMaxThreadsPerBlock stacks, each with a guard page below it
+  size_t page = 4096;
+  std::vector<Fiber> fibers;
+  std::vector<WarpExchange> warps;
+  std::vector<int> order;
+  ucontext_t scheduler;
+  Fiber* running = nullptr;
+  LaunchState launch;
+  const char* kernel_name = "";
+  const std::function<void()>* body = nullptr;
+  unsigned char* dynamic_shared = nullptr;
+  int block_live = 0;
+  int block_arrived = 0;
+  std::exception_ptr fault;
+  std::map<const void*, size_t> dynamic_shared_limit;
+  bool schedule_read = false;
+  Schedule schedule = Schedule::Forward;
+};
+
+Emulator& emulator() {
+  static Emulator instance;
+  return instance;
+}
+
+Schedule parse_schedule(const std::string& s, const char* where) {
+  if (s.empty() || s == "forward") return Schedule::Forward;
+  if (s == "reverse") return Schedule::Reverse;
+  if (s == "shuffled") return Schedule::Shuffled;
+  throw std::invalid_argument(std::string(where) + "='" + s +
+                              "': the CUDA emulator runs threads in forward, reverse or shuffled "
+                              "order; use one of those");
+}
+
+Schedule schedule_from_environment() {
+  const char* value = std::getenv("FREQKV_EMU_SCHEDULE");
+  return parse_schedule(value == nullptr ? "" : value, "FREQKV_EMU_SCHEDULE");
+}
+
+void allocate_stacks(Emulator& em) {
+  if (em.stacks != nullptr) return;
+  em.page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t per_thread = kStackBytes + em.page;
+  void* base = mmap(nullptr, per_thread * kMaxThreadsPerBlock, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) throw std::runtime_error("CUDA emulator: cannot map fiber stacks");
+  em.stacks = static_cast<char*>(base);
+  // A guard page under every stack: an overflow faults instead of writing into a neighbour.
+  for (int t = 0; t < kMaxThreadsPerBlock; ++t) {
+    (void)mprotect(em.stacks + t * per_thread, em.page, PROT_NONE);
+  }
+  void* shared = nullptr;
+  if (posix_memalign(&shared, 128, kMaxDynamicShared) != 0) {
+    throw std::runtime_error("CUDA emulator: cannot allocate dynamic shared memory");
+  }
+  em.dynamic_shared = static_cast<unsigned char*>(shared);
+}
+
+void release_block_barrier(Emulator& em) {
+  for (Fiber& f : em.fibers) {
+    if (f.state == FiberState::AtBlockBarrier) f.state = FiberState::Ready;
+  }
+  em.block_arrived = 0;
+}
+
+void release_warp_barrier(Emulator& em, int warp) {
+  const int begin = warp * 32;
+  const int end = std::min<int>(begin + 32, static_cast<int>(em.fibers.size()));
+  for (int t = begin; t < end; ++t) {
+    if (em.fibers[t].state == FiberState::AtWarpBarrier) em.fibers[t].state = FiberState::Ready;
+  }
+  em.warps[warp].arrived = 0;
+}
+
+void fiber_entry() {
+  Emulator& em = emulator();
+  try {
+    (*em.body)();
+  } catch (...) {
+    if (!em.fault) em.fault = std::current_exception();
+  }
+  // The thread has returned: barriers stop waiting for it (as the hardware does for exited
+  // threads).
+  Fiber& f = *em.running;
+  f.state = FiberState::Done;
+  --em.block_live;
+  WarpExchange& warp = em.warps[f.thread.warp];
+  --warp.live;
+  if (em.block_arrived > 0 && em.block_arrived == em.block_live) release_block_barrier(em);
+  if (warp.arrived > 0 && warp.arrived == warp.live) release_warp_barrier(em, f.thread.warp);
+  // Returning resumes the scheduler (uc_link).
+}
+
+std::string block_text(const dim3& b) {
+  return "(" + std::to_string(b.x) + "," + std::to_string(b.y) + "," + std::to_string(b.z) + ")";
+}
+
+std::string deadlock_report(const Emulator& em) {
+  int at_block = 0;
+  std::string warps;
+  for (const Fiber& f : em.fibers) {
+    if (f.state == FiberState::AtBlockBarrier) ++at_block;
+  }
+  for (size_t w = 0; w < em.warps.size(); ++w) {
+    if (em.warps[w].arrived > 0) {
+      warps += "; warp " + std::to_string(w) + ": " + std::to_string(em.warps[w].arrived) +
+               " of its " + std::to_string(em.warps[w].live) +
+               " live lanes wait at a warp-synchronous operation";
+    }
+  }
+  return std::to_string(at_block) + " of " + std::to_string(em.block_live) +
+         " live threads wait at __syncthreads" + warps +
+         " (a barrier in divergent code, or lanes that never reach a warp-synchronous op)";
+}
+
+void run_block(Emulator& em, const ucontext_t& prototype, int n_threads, uint64_t block_linear) {
+  const size_t per_thread = kStackBytes + em.page;
+  em.fibers.assign(static_cast<size_t>(n_threads), Fiber{});
+  em.warps.assign(static_cast<size_t>((n_threads + 31) / 32), WarpExchange{});
+  for (int t = 0; t < n_threads; ++t) {
+    Fiber& f = em.fibers[t];
+    const dim3& b = em.launch.block;
+    f.thread.thread_idx = dim3(t % b.x, (t / b.x) % b.y, t / (b.x * b.y));
+    f.thread.linear = t;
+    f.thread.lane = t % 32;
+    f.thread.warp = t / 32;
+    f.state = FiberState::Ready;
+    f.context = prototype;
+    f.context.uc_stack.ss_sp = em.stacks + t * per_thread + em.page;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &em.scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+    ++em.warps[t / 32].live;
+  }
+  em.block_live = n_threads;
+  em.block_arrived = 0;
+  std::fill(em.dynamic_shared, em.dynamic_shared + kMaxDynamicShared, 0xff);
+
+  em.order.resize(static_cast<size_t>(n_threads));
+  for (int t = 0; t < n_threads; ++t) em.order[t] = t;
+  if (em.schedule == Schedule::Reverse) std::reverse(em.order.begin(), em.order.end());
+  if (em.schedule == Schedule::Shuffled) {
+    std::mt19937_64 generator(0x5eed0000u + block_linear);
+    std::shuffle(em.order.begin(), em.order.end(), generator);
+  }
+
+  while (em.block_live > 0) {
+    bool ran = false;
+    for (int t : em.order) {
+      Fiber& f = em.fibers[t];
+      if (f.state != FiberState::Ready) continue;
+      em.running = &f;
+      swapcontext(&em.scheduler, &f.context);
+      em.running = nullptr;
+      ran = true;
+    }
+    if (em.fault) std::rethrow_exception(em.fault);
+    if (!ran) {
+      throw std::runtime_error(std::string("CUDA emulator: kernel ") + em.kernel_name +
+                               ", block " + block_text(em.launch.block_idx) +
+                               ": deadlock: " + deadlock_report(em));
+    }
+  }
+}
+
+}  // namespace
+
+const ThreadState& current_thread() { return emulator().running->thread; }
+const LaunchState& current_launch() { return emulator().launch; }
+unsigned char* dynamic_shared_memory() { return emulator().dynamic_shared; }
+
+void sync_block() {
+  Emulator& em = emulator();
+  Fiber* f = em.running;
+  if (f == nullptr) throw std::logic_error("CUDA emulator: __syncthreads outside a kernel");
+  f->state = FiberState::AtBlockBarrier;
+  if (++em.block_arrived == em.block_live) {
+    release_block_barrier(em);
+    return;
+  }
+  swapcontext(&f->context, &em.scheduler);
+}
+
+void sync_warp() {
+  Emulator& em = emulator();
+  Fiber* f = em.running;
+  if (f == nullptr) throw std::logic_error("CUDA emulator: a warp operation outside a kernel");
+  WarpExchange& warp = em.warps[f->thread.warp];
+  f->state = FiberState::AtWarpBarrier;
+  if (++warp.arrived == warp.live) {
+    release_warp_barrier(em, f->thread.warp);
+    return;
+  }
+  swapcontext(&f->context, &em.scheduler);
+}
+
+unsigned char* warp_slot(int lane) {
+  Emulator& em = emulator();
+  return em.warps[em.running->thread.warp].slots[lane];
+}
+
+const void** warp_pointers(int lane) {
+  Emulator& em = emulator();
+  return em.warps[em.running->thread.warp].pointers[lane];
+}
+
+void set_schedule(const char* name) {
+  Emulator& em = emulator();
+  em.schedule = parse_schedule(name, "emu::set_schedule");
+  em.schedule_read = true;
+}
+
+bool set_function_attribute(const void* kernel, int attribute, int value) {
+  constexpr int kMaxDynamicSharedMemorySize = 8;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+  if (attribute != kMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > kMaxDynamicShared) {
+    return false;
+  }
+  emulator().dynamic_shared_limit[kernel] = static_cast<size_t>(value);
+  return true;
+}
+
+int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
+             size_t dynamic_shared_bytes, const std::function<void()>& thread_body) {
+  Emulator& em = emulator();
+  if (em.running != nullptr || em.body != nullptr) {
+    throw std::logic_error(std::string("CUDA emulator: ") + kernel_name +
+                           " launched from inside a kernel");
+  }
+  // The runtime's checks of a launch configuration.
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 ||
+      block.z > 64 || threads > kMaxThreadsPerBlock) {
+    return kCudaErrorInvalidConfiguration;
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
+      grid.z > 65535) {
+    return kCudaErrorInvalidConfiguration;
+  }
+  const auto limit = em.dynamic_shared_limit.find(kernel);
+  const size_t allowed =
+      limit == em.dynamic_shared_limit.end() ? kDefaultDynamicSharedLimit : limit->second;
+  if (dynamic_shared_bytes > allowed) return kCudaErrorInvalidValue;
+
+  if (!em.schedule_read) {
+    em.schedule = schedule_from_environment();
+    em.schedule_read = true;
+  }
+  allocate_stacks(em);
+  ucontext_t prototype;
+  getcontext(&prototype);
+
+  em.kernel_name = kernel_name;
+  em.body = &thread_body;
+  em.fault = nullptr;
+  em.launch.grid = grid;
+  em.launch.block = block;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          em.launch.block_idx = dim3(x, y, z);
+          run_block(em, prototype, static_cast<int>(threads),
+                    (uint64_t{z} * grid.y + y) * grid.x + x);
+        }
+      }
+    }
+  } catch (const std::exception& e) {
+    em.body = nullptr;
+    em.fault = nullptr;
+    const std::string what = e.what();
+    if (what.rfind("CUDA emulator:", 0) == 0) throw;
+    throw std::runtime_error(std::string("CUDA emulator: kernel ") + kernel_name + ", block " +
+                             block_text(em.launch.block_idx) + ": " + what);
+  }
+  em.body = nullptr;
+  return 0;
+}
+
+}  // namespace emu
+
+void emu_trap() { throw std::runtime_error("__trap() called"); }
