@@ -11,6 +11,7 @@
 //
 // The tests need a CUDA device and skip themselves (GTEST_SKIP) without one; ctest label: gpu.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -140,7 +141,8 @@ TEST(CudaModelTest, LossAndEveryGradientMatchTheCpuModel) {
 class CudaTrainingTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) / "freqkv_cuda_training";
+    // Per process: ctest runs this test under several configurations at once (emulated, twice).
+    dir_ = fs::path(::testing::TempDir()) / ("freqkv_cuda_training_" + std::to_string(getpid()));
     fs::remove_all(dir_);
     fs::create_directories(dir_);
     write_hf_config(tiny_config(), (dir_ / "config.json").string());

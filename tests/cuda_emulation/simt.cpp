@@ -27,15 +27,82 @@ constexpr int kCudaErrorInvalidConfiguration = 9;
 enum class FiberState { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 enum class Schedule { Forward, Reverse, Shuffled };
 
+// ---- context switches ---------------------------------------------------------------------------
+// glibc's swapcontext saves the signal mask with a system call on every switch, which was 70% of
+// the emulator's time; on x86-64 a switch here saves only what the ABI says a call preserves
+// (rbx, rbp, r12-r15, the stack pointer, MXCSR and the x87 control word). Elsewhere: ucontext.
+#if defined(__x86_64__)
+extern "C" void freqkv_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl freqkv_emu_switch
+  .type freqkv_emu_switch, @function
+freqkv_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size freqkv_emu_switch, .-freqkv_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// A stack that freqkv_emu_switch "returns" into `entry`, which must never return.
+void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
+  uintptr_t top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15};
+  auto* slots = reinterpret_cast<uint64_t*>(top);
+  slots[-1] = 0;  // entry's return address: none, which also ends an unwinder's walk
+  slots[-2] = reinterpret_cast<uint64_t>(entry);
+  for (int r = 3; r <= 8; ++r) slots[-r] = 0;  // rbp, rbx, r12-r15
+  uint32_t control[2];
+  asm volatile("stmxcsr %0" : "=m"(control[0]));
+  asm volatile("fnstcw %0" : "=m"(control[1]));
+  std::memcpy(&slots[-9], control, 8);
+  context.sp = &slots[-9];
+}
+inline void switch_context(Context& from, Context& to) { freqkv_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&context.uc);
+  context.uc.uc_stack.ss_sp = stack;
+  context.uc.uc_stack.ss_size = bytes;
+  context.uc.uc_link = nullptr;
+  makecontext(&context.uc, entry, 0);
+}
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 struct Fiber {
   ThreadState thread;
-  ucontext_t context;
+  Context context;
   FiberState state = FiberState::Done;
+  int exchange_buffer = 0;  // which of the warp's two exchange tables this lane uses next
 };
 
 struct WarpExchange {
-  alignas(16) unsigned char slots[32][32];
-  const void* pointers[32][4];
+  alignas(16) unsigned char tables[2][32 * kExchangeBytes];
   int live = 0;     // lanes that have not returned
   int arrived = 0;  // lanes waiting at the warp barrier
 };
@@ -46,7 +113,7 @@ struct Emulator {
   std::vector<Fiber> fibers;
   std::vector<WarpExchange> warps;
   std::vector<int> order;
-  ucontext_t scheduler;
+  Context scheduler;
   Fiber* running = nullptr;
   LaunchState launch;
   const char* kernel_name = "";
@@ -130,7 +197,8 @@ void fiber_entry() {
   --warp.live;
   if (em.block_arrived > 0 && em.block_arrived == em.block_live) release_block_barrier(em);
   if (warp.arrived > 0 && warp.arrived == warp.live) release_warp_barrier(em, f.thread.warp);
-  // Returning resumes the scheduler (uc_link).
+  switch_context(f.context, em.scheduler);  // never resumed
+  std::abort();
 }
 
 std::string block_text(const dim3& b) {
@@ -155,7 +223,7 @@ std::string deadlock_report(const Emulator& em) {
          " (a barrier in divergent code, or lanes that never reach a warp-synchronous op)";
 }
 
-void run_block(Emulator& em, const ucontext_t& prototype, int n_threads, uint64_t block_linear) {
+void run_block(Emulator& em, int n_threads, uint64_t block_linear) {
   const size_t per_thread = kStackBytes + em.page;
   em.fibers.assign(static_cast<size_t>(n_threads), Fiber{});
   em.warps.assign(static_cast<size_t>((n_threads + 31) / 32), WarpExchange{});
@@ -167,11 +235,7 @@ void run_block(Emulator& em, const ucontext_t& prototype, int n_threads, uint64_
     f.thread.lane = t % 32;
     f.thread.warp = t / 32;
     f.state = FiberState::Ready;
-    f.context = prototype;
-    f.context.uc_stack.ss_sp = em.stacks + t * per_thread + em.page;
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &em.scheduler;
-    makecontext(&f.context, fiber_entry, 0);
+    make_context(f.context, em.stacks + t * per_thread + em.page, kStackBytes, fiber_entry);
     ++em.warps[t / 32].live;
   }
   em.block_live = n_threads;
@@ -192,7 +256,7 @@ void run_block(Emulator& em, const ucontext_t& prototype, int n_threads, uint64_
       Fiber& f = em.fibers[t];
       if (f.state != FiberState::Ready) continue;
       em.running = &f;
-      swapcontext(&em.scheduler, &f.context);
+      switch_context(em.scheduler, f.context);
       em.running = nullptr;
       ran = true;
     }
@@ -220,7 +284,7 @@ void sync_block() {
     release_block_barrier(em);
     return;
   }
-  swapcontext(&f->context, &em.scheduler);
+  switch_context(f->context, em.scheduler);
 }
 
 void sync_warp() {
@@ -233,17 +297,21 @@ void sync_warp() {
     release_warp_barrier(em, f->thread.warp);
     return;
   }
-  swapcontext(&f->context, &em.scheduler);
+  switch_context(f->context, em.scheduler);
 }
 
-unsigned char* warp_slot(int lane) {
+const unsigned char* warp_exchange(const void* mine, size_t bytes,
+                                   void (*combine)(unsigned char* table)) {
   Emulator& em = emulator();
-  return em.warps[em.running->thread.warp].slots[lane];
-}
-
-const void** warp_pointers(int lane) {
-  Emulator& em = emulator();
-  return em.warps[em.running->thread.warp].pointers[lane];
+  Fiber& f = *em.running;
+  WarpExchange& warp = em.warps[f.thread.warp];
+  unsigned char* table = warp.tables[f.exchange_buffer];
+  f.exchange_buffer ^= 1;
+  std::memcpy(table + f.thread.lane * kExchangeBytes, mine, bytes);
+  // Threads run one at a time, so the lane that completes the count is the last to write.
+  if (combine != nullptr && warp.arrived + 1 == warp.live) combine(table);
+  sync_warp();
+  return table;
 }
 
 void set_schedule(const char* name) {
@@ -289,8 +357,6 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
     em.schedule_read = true;
   }
   allocate_stacks(em);
-  ucontext_t prototype;
-  getcontext(&prototype);
 
   em.kernel_name = kernel_name;
   em.body = &thread_body;
@@ -302,7 +368,7 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           em.launch.block_idx = dim3(x, y, z);
-          run_block(em, prototype, static_cast<int>(threads),
+          run_block(em, static_cast<int>(threads),
                     (uint64_t{z} * grid.y + y) * grid.x + x);
         }
       }

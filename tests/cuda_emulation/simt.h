@@ -4,7 +4,7 @@
 // block, smem, stream)(args)`) on the CPU, so CI -- which has no GPU -- checks the device code
 // itself against the CPU backend: indexing, tiling, masks, reductions, barriers.
 //
-// Every CUDA thread is a fiber (ucontext). The threads of one block run one after another on the
+// Every CUDA thread is a fiber (its own stack; simt.cpp switches between them). The threads of one block run one after another on the
 // host thread, each until it reaches a synchronisation point: __syncthreads, __syncwarp, a warp
 // shuffle or a WMMA operation (warp-synchronous). Blocks run one at a time, so `__shared__`
 // variables become function statics (one per block in flight) and atomics need no locking.
@@ -95,10 +95,16 @@ unsigned char* dynamic_shared_memory();
 // ---- synchronisation points (called from inside a kernel) ---------------------------------------
 void sync_block();  // __syncthreads
 void sync_warp();   // every live lane of the calling thread's warp has arrived
-// Per-warp exchange slots for warp-collective operations: 32 lanes x 32 bytes, and 4 pointers per
-// lane. Valid between two sync_warp() calls.
-unsigned char* warp_slot(int lane);
-const void** warp_pointers(int lane);
+// A warp-collective exchange: publishes `bytes` (at most kExchangeBytes) of this lane's data,
+// waits for every live lane of the warp, and returns the warp's table, in which lane l's data
+// starts at l * kExchangeBytes. The table stays valid until this lane's next exchange: tables
+// alternate between two buffers, and a lane can only reuse a buffer after every lane has arrived
+// at the exchange in between (so one barrier per exchange suffices).
+// `combine`, when given, runs once on the full table (by the last lane to arrive) before any lane
+// reads it, so a warp-wide result is computed once instead of by every lane.
+constexpr size_t kExchangeBytes = 64;
+const unsigned char* warp_exchange(const void* mine, size_t bytes,
+                                   void (*combine)(unsigned char* table) = nullptr);
 
 // ---- launching ----------------------------------------------------------------------------------
 // Runs `thread_body` as every thread of the grid. Returns a cudaError_t value: 0, or the error the
@@ -166,14 +172,12 @@ inline void __threadfence() {}
 inline void __threadfence_block() {}
 
 template <typename T>
-T emu_shuffle(T value, int source_lane_of_mine) {
-  static_assert(sizeof(T) <= 32 && std::is_trivially_copyable<T>::value, "shuffle of a small value");
-  const int lane = ::emu::current_thread().lane;
-  ::emu::sync_warp();  // the previous exchange has been read by everyone
-  std::memcpy(::emu::warp_slot(lane), &value, sizeof(T));
-  ::emu::sync_warp();  // every lane has written
+T emu_shuffle(T value, int source_lane) {
+  static_assert(sizeof(T) <= ::emu::kExchangeBytes && std::is_trivially_copyable<T>::value,
+                "shuffle of a small value");
+  const unsigned char* table = ::emu::warp_exchange(&value, sizeof(T));
   T result;
-  std::memcpy(&result, ::emu::warp_slot(source_lane_of_mine & 31), sizeof(T));
+  std::memcpy(&result, table + (source_lane & 31) * ::emu::kExchangeBytes, sizeof(T));
   return result;
 }
 template <typename T>

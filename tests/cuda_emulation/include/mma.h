@@ -2,8 +2,8 @@
 // num_elements elements of a fragment, as on the GPU; WHICH elements is unspecified by CUDA, and
 // here it is a fixed pseudo-random permutation per fragment use (matrix_a, matrix_b,
 // accumulator), so kernels that assume a layout give wrong results instead of passing by luck.
-// Every operation is warp-synchronous: it waits for all lanes (load, store and mma on entry; mma
-// also on exit, because other lanes read this lane's operands through the exchange pointers).
+// Every operation is warp-synchronous: load and store wait for all lanes on entry; mma exchanges
+// the lanes' elements (simt.h, warp_exchange) and the last lane to arrive computes the product.
 // Products are accumulated in fp32 in k order.
 #pragma once
 
@@ -138,6 +138,51 @@ void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigne
   }
 }
 
+namespace detail {
+
+// One lane's part of an mma_sync: its elements of A, B and C; after the exchange, of D.
+template <typename Tab, typename Tc, int NA, int NB, int NC>
+struct MmaRow {
+  Tab a[NA];
+  Tab b[NB];
+  Tc c[NC];
+};
+
+// D = A B + C for the whole warp, once, from every lane's row of the exchange table; D replaces
+// the C elements in each lane's row.
+template <typename A, typename B, typename C, int M, int N, int K>
+void mma_combine(unsigned char* table) {
+  using Row = MmaRow<typename A::element_type, typename C::element_type, A::num_elements,
+                     B::num_elements, C::num_elements>;
+  const auto row = [table](int lane) {
+    return reinterpret_cast<Row*>(table + lane * ::emu::kExchangeBytes);
+  };
+  float a[M][K], b[K][N];
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int e = 0; e < A::num_elements; ++e) {
+      int r, c;
+      A::position(lane, e, r, c);
+      a[r][c] = static_cast<float>(row(lane)->a[e]);
+    }
+    for (int e = 0; e < B::num_elements; ++e) {
+      int r, c;
+      B::position(lane, e, r, c);
+      b[r][c] = static_cast<float>(row(lane)->b[e]);
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int e = 0; e < C::num_elements; ++e) {
+      int r, col;
+      C::position(lane, e, r, col);
+      float sum = static_cast<float>(row(lane)->c[e]);
+      for (int k = 0; k < K; ++k) sum += a[r][k] * b[k][col];
+      row(lane)->c[e] = static_cast<typename C::element_type>(sum);
+    }
+  }
+}
+
+}  // namespace detail
+
 // d = a b + c (d may be c).
 template <int M, int N, int K, typename Tab, typename La, typename Lb, typename Tc>
 void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M, N, K, Tab, La>& a,
@@ -145,30 +190,18 @@ void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M,
               const fragment<accumulator, M, N, K, Tc>& c) {
   using A = fragment<matrix_a, M, N, K, Tab, La>;
   using B = fragment<matrix_b, M, N, K, Tab, Lb>;
-  const int lane = ::emu::current_thread().lane;
-  ::emu::sync_warp();  // the exchange pointers of an earlier operation are no longer read
-  ::emu::warp_pointers(lane)[0] = &a;
-  ::emu::warp_pointers(lane)[1] = &b;
-  ::emu::sync_warp();
-  const auto& perm_a = detail::permutation<matrix_a, M, N, K>();
-  const auto& perm_b = detail::permutation<matrix_b, M, N, K>();
-  Tc result[fragment<accumulator, M, N, K, Tc>::num_elements];
-  for (int e = 0; e < d.num_elements; ++e) {
-    int r, col;
-    d.position(lane, e, r, col);
-    float sum = static_cast<float>(c.x[e]);
-    for (int k = 0; k < K; ++k) {
-      const int slot_a = perm_a.slot_of[r * K + k];
-      const int slot_b = perm_b.slot_of[k * N + col];
-      const A* owner_a = static_cast<const A*>(::emu::warp_pointers(slot_a / A::num_elements)[0]);
-      const B* owner_b = static_cast<const B*>(::emu::warp_pointers(slot_b / B::num_elements)[1]);
-      sum += static_cast<float>(owner_a->x[slot_a % A::num_elements]) *
-             static_cast<float>(owner_b->x[slot_b % B::num_elements]);
-    }
-    result[e] = static_cast<Tc>(sum);
-  }
-  ::emu::sync_warp();  // every lane has read the operands of every other lane
-  for (int e = 0; e < d.num_elements; ++e) d.x[e] = result[e];
+  using C = fragment<accumulator, M, N, K, Tc>;
+  using Row = detail::MmaRow<Tab, Tc, A::num_elements, B::num_elements, C::num_elements>;
+  static_assert(sizeof(Row) <= ::emu::kExchangeBytes, "a lane's operands fit the exchange");
+  Row mine;
+  for (int e = 0; e < A::num_elements; ++e) mine.a[e] = a.x[e];
+  for (int e = 0; e < B::num_elements; ++e) mine.b[e] = b.x[e];
+  for (int e = 0; e < C::num_elements; ++e) mine.c[e] = c.x[e];
+  const unsigned char* table =
+      ::emu::warp_exchange(&mine, sizeof(mine), &detail::mma_combine<A, B, C, M, N, K>);
+  const Row* result =
+      reinterpret_cast<const Row*>(table + ::emu::current_thread().lane * ::emu::kExchangeBytes);
+  for (int e = 0; e < C::num_elements; ++e) d.x[e] = result->c[e];
 }
 
 }  // namespace wmma
