@@ -409,7 +409,8 @@ TEST_F(CudaKernelsTest, GemmLtAndGemmExAgreeWithCpuOnEveryLayout) {
 TEST_F(CudaKernelsTest, GemmLtCachesTheAlgorithmPerShapeAndAlignment) {
   freqkv::set_cuda_gemm(*gpu_, freqkv::CudaGemm::Lt);
   const int64_t M = 64, N = 96, K = 128;
-  Buffer<bf16> a = on_gpu(random_bf16_values(M * K + 8, 21));
+  // Room for lda = K + 8 below, and for A offset by one element.
+  Buffer<bf16> a = on_gpu(random_bf16_values(M * (K + 8) + 8, 21));
   Buffer<bf16> b = on_gpu(random_bf16_values(K * N + 8, 22));
   Buffer<bf16> c(*gpu_, M * N + 8), c2(*gpu_, M * N + 8);
   const auto heuristic_calls = [&] { return freqkv::cuda_gemm_heuristic_calls(*gpu_); };

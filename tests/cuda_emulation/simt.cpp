@@ -9,15 +9,23 @@
 #include <cstdlib>
 #include <exception>
 #include <map>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define FREQKV_EMU_ASAN 1
+#endif
+
 namespace emu {
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;  // kernels keep tiles of registers in local arrays
+// Kernels keep tiles of registers in local arrays, and AddressSanitizer pads every frame.
+constexpr size_t kStackBytes = 512 * 1024;
 constexpr int kMaxThreadsPerBlock = 1024;
 constexpr size_t kDefaultDynamicSharedLimit = 48 * 1024;
 constexpr size_t kMaxDynamicShared = 227 * 1024;  // sm_90's opt-in maximum per block
@@ -64,10 +72,16 @@ freqkv_emu_switch:
 
 struct Context {
   void* sp = nullptr;
+  const void* stack_bottom = nullptr;  // for AddressSanitizer
+  size_t stack_size = 0;
 };
 
 // A stack that freqkv_emu_switch "returns" into `entry`, which must never return.
 void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
+#if defined(FREQKV_EMU_ASAN)
+  // The frames of the thread that used this stack last block are still poisoned.
+  __asan_unpoison_memory_region(stack, bytes);
+#endif
   uintptr_t top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15};
   auto* slots = reinterpret_cast<uint64_t*>(top);
   slots[-1] = 0;  // entry's return address: none, which also ends an unwinder's walk
@@ -78,21 +92,46 @@ void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) 
   asm volatile("fnstcw %0" : "=m"(control[1]));
   std::memcpy(&slots[-9], control, 8);
   context.sp = &slots[-9];
+  context.stack_bottom = stack;
+  context.stack_size = bytes;
 }
-inline void switch_context(Context& from, Context& to) { freqkv_emu_switch(&from.sp, to.sp); }
+inline void raw_switch(Context& from, Context& to) { freqkv_emu_switch(&from.sp, to.sp); }
 #else
 struct Context {
   ucontext_t uc;
+  const void* stack_bottom = nullptr;  // for AddressSanitizer
+  size_t stack_size = 0;
 };
 void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
+#if defined(FREQKV_EMU_ASAN)
+  __asan_unpoison_memory_region(stack, bytes);
+#endif
+  context.stack_bottom = stack;
+  context.stack_size = bytes;
   getcontext(&context.uc);
   context.uc.uc_stack.ss_sp = stack;
   context.uc.uc_stack.ss_size = bytes;
   context.uc.uc_link = nullptr;
   makecontext(&context.uc, entry, 0);
 }
-inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void raw_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
+
+// Under AddressSanitizer every switch is announced, or it takes the fiber stacks for overflows.
+// `from_exits`: the calling fiber is never resumed.
+void switch_context(Context& from, Context& to, bool from_exits = false) {
+#if defined(FREQKV_EMU_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(from_exits ? nullptr : &fake_stack, to.stack_bottom,
+                                 to.stack_size);
+#endif
+  raw_switch(from, to);
+#if defined(FREQKV_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  (void)from_exits;
+#endif
+}
 
 struct Fiber {
   ThreadState thread;
@@ -118,7 +157,8 @@ struct Emulator {
   LaunchState launch;
   const char* kernel_name = "";
   const std::function<void()>* body = nullptr;
-  unsigned char* dynamic_shared = nullptr;
+  unsigned char* dynamic_shared = nullptr;  // this launch's, exactly as large as it asked for
+  size_t dynamic_shared_bytes = 0;
   int block_live = 0;
   int block_arrived = 0;
   std::exception_ptr fault;
@@ -158,11 +198,6 @@ void allocate_stacks(Emulator& em) {
   for (int t = 0; t < kMaxThreadsPerBlock; ++t) {
     (void)mprotect(em.stacks + t * per_thread, em.page, PROT_NONE);
   }
-  void* shared = nullptr;
-  if (posix_memalign(&shared, 128, kMaxDynamicShared) != 0) {
-    throw std::runtime_error("CUDA emulator: cannot allocate dynamic shared memory");
-  }
-  em.dynamic_shared = static_cast<unsigned char*>(shared);
 }
 
 void release_block_barrier(Emulator& em) {
@@ -183,6 +218,10 @@ void release_warp_barrier(Emulator& em, int warp) {
 
 void fiber_entry() {
   Emulator& em = emulator();
+#if defined(FREQKV_EMU_ASAN)
+  // Arrived from the scheduler: its stack is the one to announce when switching back.
+  __sanitizer_finish_switch_fiber(nullptr, &em.scheduler.stack_bottom, &em.scheduler.stack_size);
+#endif
   try {
     (*em.body)();
   } catch (...) {
@@ -197,7 +236,7 @@ void fiber_entry() {
   --warp.live;
   if (em.block_arrived > 0 && em.block_arrived == em.block_live) release_block_barrier(em);
   if (warp.arrived > 0 && warp.arrived == warp.live) release_warp_barrier(em, f.thread.warp);
-  switch_context(f.context, em.scheduler);  // never resumed
+  switch_context(f.context, em.scheduler, /*from_exits=*/true);  // never resumed
   std::abort();
 }
 
@@ -240,7 +279,7 @@ void run_block(Emulator& em, int n_threads, uint64_t block_linear) {
   }
   em.block_live = n_threads;
   em.block_arrived = 0;
-  std::fill(em.dynamic_shared, em.dynamic_shared + kMaxDynamicShared, 0xff);
+  std::fill(em.dynamic_shared, em.dynamic_shared + em.dynamic_shared_bytes, 0xff);
 
   em.order.resize(static_cast<size_t>(n_threads));
   for (int t = 0; t < n_threads; ++t) em.order[t] = t;
@@ -357,6 +396,15 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
     em.schedule_read = true;
   }
   allocate_stacks(em);
+
+  // Exactly the bytes asked for, so AddressSanitizer sees an access beyond them.
+  void* shared = nullptr;
+  if (posix_memalign(&shared, 128, std::max<size_t>(dynamic_shared_bytes, 1)) != 0) {
+    throw std::runtime_error("CUDA emulator: cannot allocate dynamic shared memory");
+  }
+  const std::unique_ptr<void, void (*)(void*)> shared_owner(shared, std::free);
+  em.dynamic_shared = static_cast<unsigned char*>(shared);
+  em.dynamic_shared_bytes = dynamic_shared_bytes;
 
   em.kernel_name = kernel_name;
   em.body = &thread_body;
