@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -30,6 +31,7 @@ struct RuntimeState {
   size_t pool_high = 0;
   cudaError_t last_error = cudaSuccess;
   int streams = 0;
+  std::vector<void (*)()> synchronize_hooks;
 };
 
 RuntimeState& state() {
@@ -111,10 +113,21 @@ cudaError_t check_side(const void* p, size_t bytes, bool want_device, const char
   return cudaSuccess;
 }
 
+// The host waits for the device here.
+cudaError_t synchronized() {
+  for (void (*flush)() : state().synchronize_hooks) flush();
+  return cudaSuccess;
+}
+
+struct EmulatedEvent {
+  bool recorded = false;
+};
+
 }  // namespace
 
 namespace emu {
 void set_last_error(int error) { state().last_error = static_cast<cudaError_t>(error); }
+void add_synchronize_hook(void (*flush)()) { state().synchronize_hooks.push_back(flush); }
 }  // namespace emu
 
 const char* cudaGetErrorName(cudaError_t error) {
@@ -176,7 +189,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   }
   return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: an attribute the emulator lacks");
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() { return synchronized(); }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   *total_bytes = kDeviceBytes;
   *free_bytes = kDeviceBytes - state().device_bytes;
@@ -236,7 +249,48 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   --state().streams;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return synchronized(); }
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, 0); }
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventCreate(null)");
+  *event = reinterpret_cast<cudaEvent_t>(new EmulatedEvent);
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventDestroy(null)");
+  delete reinterpret_cast<EmulatedEvent*>(event);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventRecord(null)");
+  reinterpret_cast<EmulatedEvent*>(event)->recorded = true;
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventSynchronize(null)");
+  return synchronized();
+}
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventQuery(null)");
+  return cudaSuccess;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
+  if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaStreamWaitEvent on a null event");
+  return cudaSuccess;
+}
+
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* ptr) {
+  if (attributes == nullptr) return fail(cudaErrorInvalidValue, "cudaPointerGetAttributes(null)");
+  const char* base = nullptr;
+  const Allocation* a = find(ptr, 1, &base);
+  attributes->device = 0;
+  attributes->type = a == nullptr ? cudaMemoryTypeUnregistered
+                                  : (a->device ? cudaMemoryTypeDevice : cudaMemoryTypeHost);
+  attributes->devicePointer = a != nullptr && a->device ? const_cast<void*>(ptr) : nullptr;
+  attributes->hostPointer = a != nullptr && !a->device ? const_cast<void*>(ptr) : nullptr;
+  return cudaSuccess;
+}
 
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
   if (device != 0) return fail(cudaErrorInvalidDevice, "cudaDeviceGetDefaultMemPool: one device");
