@@ -33,7 +33,11 @@ constexpr int kCudaErrorInvalidValue = 1;
 constexpr int kCudaErrorInvalidConfiguration = 9;
 
 enum class FiberState { Ready, AtBlockBarrier, AtWarpBarrier, Done };
-enum class Schedule { Forward, Reverse, Shuffled };
+// Forward and Reverse run every ready thread once per pass (ascending or descending); Greedy runs
+// the warps from the last down, each until all its threads wait at __syncthreads or have
+// returned, so one warp gets several synchronisation points ahead of the others (a reuse of
+// shared memory that only a __syncthreads protects shows); Shuffled is a random order per block.
+enum class Schedule { Forward, Reverse, Greedy, Shuffled };
 
 // ---- context switches ---------------------------------------------------------------------------
 // glibc's swapcontext saves the signal mask with a system call on every switch, which was 70% of
@@ -175,10 +179,11 @@ Emulator& emulator() {
 Schedule parse_schedule(const std::string& s, const char* where) {
   if (s.empty() || s == "forward") return Schedule::Forward;
   if (s == "reverse") return Schedule::Reverse;
+  if (s == "greedy") return Schedule::Greedy;
   if (s == "shuffled") return Schedule::Shuffled;
   throw std::invalid_argument(std::string(where) + "='" + s +
-                              "': the CUDA emulator runs threads in forward, reverse or shuffled "
-                              "order; use one of those");
+                              "': the CUDA emulator runs threads in forward, reverse, greedy or "
+                              "shuffled order; use one of those");
 }
 
 Schedule schedule_from_environment() {
@@ -283,7 +288,9 @@ void run_block(Emulator& em, int n_threads, uint64_t block_linear) {
 
   em.order.resize(static_cast<size_t>(n_threads));
   for (int t = 0; t < n_threads; ++t) em.order[t] = t;
-  if (em.schedule == Schedule::Reverse) std::reverse(em.order.begin(), em.order.end());
+  if (em.schedule == Schedule::Reverse || em.schedule == Schedule::Greedy) {
+    std::reverse(em.order.begin(), em.order.end());
+  }
   if (em.schedule == Schedule::Shuffled) {
     std::mt19937_64 generator(0x5eed0000u + block_linear);
     std::shuffle(em.order.begin(), em.order.end(), generator);
@@ -291,13 +298,30 @@ void run_block(Emulator& em, int n_threads, uint64_t block_linear) {
 
   while (em.block_live > 0) {
     bool ran = false;
-    for (int t : em.order) {
-      Fiber& f = em.fibers[t];
+    for (size_t i = 0; i < em.order.size(); ++i) {
+      Fiber& f = em.fibers[em.order[i]];
       if (f.state != FiberState::Ready) continue;
       em.running = &f;
       switch_context(em.scheduler, f.context);
       em.running = nullptr;
       ran = true;
+      if (em.schedule == Schedule::Greedy) {
+        // Stay on this warp while any of its lanes can run (its warp barriers release them).
+        const int warp = f.thread.warp;
+        bool again = true;
+        while (again) {
+          again = false;
+          for (size_t j = i; j < em.order.size() && em.fibers[em.order[j]].thread.warp == warp;
+               ++j) {
+            Fiber& lane = em.fibers[em.order[j]];
+            if (lane.state != FiberState::Ready) continue;
+            em.running = &lane;
+            switch_context(em.scheduler, lane.context);
+            em.running = nullptr;
+            again = true;
+          }
+        }
+      }
     }
     if (em.fault) std::rethrow_exception(em.fault);
     if (!ran) {

@@ -12,7 +12,8 @@
 // What it checks beyond the values:
 //   * Races. Between two synchronisation points a thread runs alone, so a missing barrier makes
 //     the result depend on the order threads run in. FREQKV_EMU_SCHEDULE=forward (default),
-//     reverse or shuffled picks that order; CI runs the kernel tests under two orders.
+//     reverse, greedy (one warp runs ahead of the others across barriers) or shuffled picks
+//     that order; CI runs the kernel tests under forward and greedy.
 //   * Deadlocks: __syncthreads in divergent code, or a warp-synchronous op that some lanes of a
 //     warp never reach, is reported with the kernel's name instead of hanging.
 //   * Launch configurations as the runtime checks them (block size, grid size, dynamic shared
@@ -114,7 +115,8 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
              size_t dynamic_shared_bytes, const std::function<void()>& thread_body);
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, value).
 bool set_function_attribute(const void* kernel, int attribute, int value);
-// The order threads run in between synchronisation points: "forward", "reverse" or "shuffled".
+// The order threads run in between synchronisation points: "forward", "reverse", "greedy" or
+// "shuffled" (simt.cpp, Schedule).
 // Starts as FREQKV_EMU_SCHEDULE (default forward); throws std::invalid_argument for other names.
 void set_schedule(const char* name);
 // Records a launch failure as the runtime's last error (runtime.cpp).

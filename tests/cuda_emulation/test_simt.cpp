@@ -41,6 +41,25 @@ __global__ void racy_shift_kernel(const float* x, float* out) {
   out[threadIdx.x] = staged[(threadIdx.x + 1) % blockDim.x];
 }
 
+// A block reduction through shared scratch without the __syncthreads that keeps one warp from
+// writing the next reduction's partial sum while another warp still reads this one's.
+__device__ float unguarded_block_sum(float value, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += scratch[w];
+  return total;
+}
+
+__global__ void two_block_sums_kernel(const float* x, float* out) {
+  __shared__ float scratch[32];
+  const float a = unguarded_block_sum(x[threadIdx.x], scratch);
+  const float b = unguarded_block_sum(2.0f * x[threadIdx.x], scratch);
+  out[threadIdx.x] = a + b;
+}
+
 __global__ void warp_sum_kernel(const int* x, int* out) {
   int value = x[threadIdx.x];
   for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
@@ -102,7 +121,7 @@ TEST_F(Simt, BlockReductionUnderEverySchedule) {
   const int blocks = 3, n = 1000;
   std::vector<float> x(blocks * n);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7) - 3.0f;
-  for (const char* schedule : {"forward", "reverse", "shuffled"}) {
+  for (const char* schedule : {"forward", "reverse", "greedy", "shuffled"}) {
     emu::set_schedule(schedule);
     std::vector<float> out(blocks, -1.0f);
     emu::launch(block_sum_kernel, "block_sum_kernel", blocks, 256)(x.data(), out.data(), n);
@@ -124,6 +143,22 @@ TEST_F(Simt, AMissingBarrierGivesResultsThatDependOnTheSchedule) {
   emu::set_schedule("reverse");
   emu::launch(racy_shift_kernel, "racy_shift_kernel", 1, 128)(x.data(), reverse.data());
   EXPECT_NE(forward, reverse) << "a race must show as a difference between schedules";
+}
+
+TEST_F(Simt, AWarpRunningAheadAcrossBarriersExposesSharedMemoryReuse) {
+  std::vector<float> x(128);
+  for (int i = 0; i < 128; ++i) x[i] = static_cast<float>(i % 5);
+  float sum = 0.0f;
+  for (float v : x) sum += v;
+  std::vector<float> out(128);
+  emu::set_schedule("forward");
+  emu::launch(two_block_sums_kernel, "two_block_sums_kernel", 1, 128)(x.data(), out.data());
+  EXPECT_EQ(out[0], 3.0f * sum) << "round-robin passes keep the warps in step";
+  emu::set_schedule("greedy");
+  emu::launch(two_block_sums_kernel, "two_block_sums_kernel", 1, 128)(x.data(), out.data());
+  int wrong = 0;
+  for (float v : out) wrong += v != 3.0f * sum;
+  EXPECT_GT(wrong, 0) << "the greedy schedule must expose the missing barrier";
 }
 
 TEST_F(Simt, WarpShuffleReduction) {
