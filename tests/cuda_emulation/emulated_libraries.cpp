@@ -4,11 +4,12 @@
 // They implement the libraries' documented semantics, not what kernels/cuda happens to need, so
 // the CUDA backend's calls are checked independently: arguments are validated as the
 // documentation states (a rejected call returns the documented status and prints the reason to
-// stderr, naming the call and the values at fault), results are computed by direct, obviously
-// correct methods (the DFT in double, GEMM products by BLAS in fp32), and what the real libraries are allowed to do to memory
-// (overwrite workspaces, overwrite a complex-to-real transform's input) they do here too, so a
-// caller that relies on it not happening fails. Where the emulation is stricter than a GPU (it
-// rejects overlapping outputs and inputs that a GPU would silently turn into garbage) the
+// stderr, naming the call and the values at fault), results are computed by textbook methods of
+// known accuracy (the DFT by FFTs in double: radix-2 for powers of two, Bluestein's chirp-z for
+// other lengths; GEMM products by BLAS in fp32), and what the real libraries are allowed to do to
+// memory (overwrite workspaces, overwrite a complex-to-real transform's input) they do here too,
+// so a caller that relies on it not happening fails. Where the emulation is stricter than a GPU
+// (it rejects overlapping outputs and inputs that a GPU would silently turn into garbage) the
 // comments say so.
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -24,8 +25,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 // ---- the handles' state (the real headers declare these as opaque, in the global namespace) ----
@@ -590,6 +593,190 @@ LtCheck check_lt_problem(const LtMatmulDesc& desc, const LtLayout& a, const LtLa
 
 // ---- cuFFT --------------------------------------------------------------------------------------
 
+// The transforms are FFTs in double, O(n log n): the complex forward DFT
+// X_k = sum_j x_j exp(-2 pi i j k / n) of one length n, for every n >= 1, by an iterative radix-2
+// FFT where n is a power of two and by Bluestein's algorithm (the DFT as a chirp-weighted
+// convolution, done by radix-2 FFTs of a power-of-two length m >= 2n - 1) for every other n.
+// R2C transforms the real signal as a complex one; C2R transforms the conjugate of the Hermitian
+// extension of its bins (see cufftExecC2R). Every table (twiddles, bit reversal, chirp, the
+// spectrum of the convolution's filter) is built once, when the plan is made, each entry from its
+// exact integer index. The error stays at the level of double rounding (about 1e-15 relative to
+// the signal's norm), far below the final rounding to float.
+//
+// kFftBlock transforms are computed side by side: arrays are laid out [element][transform of the
+// block], so that every innermost loop runs across the transforms of a block with one shared
+// twiddle (vectorisable).
+constexpr int64_t kFftBlock = 8;
+constexpr double kPi = 3.14159265358979323846;
+
+// A radix-2 decimation-in-time FFT of a power-of-two length m.
+class Radix2Fft {
+ public:
+  explicit Radix2Fft(int64_t m) : m_(m) {
+    int log2m = 0;
+    while ((int64_t{1} << log2m) < m) ++log2m;
+    reversed_.assign(static_cast<size_t>(m), 0);
+    for (int64_t i = 1; i < m; ++i) {
+      reversed_[i] = (reversed_[i >> 1] >> 1) | ((i & 1) << (log2m - 1));
+    }
+    // exp(-2 pi i j / m) = cos - i sin for j < m / 2, each from its exact index.
+    cos_.resize(static_cast<size_t>(m / 2));
+    sin_.resize(static_cast<size_t>(m / 2));
+    for (int64_t j = 0; j < m / 2; ++j) {
+      const double angle = 2.0 * kPi * static_cast<double>(j) / static_cast<double>(m);
+      cos_[j] = std::cos(angle);
+      sin_[j] = std::sin(angle);
+    }
+  }
+
+  int64_t length() const { return m_; }
+
+  // W transforms side by side, in place: re and im hold m rows of W.
+  template <int64_t W>
+  void forward(double* re, double* im) const {
+    for (int64_t i = 0; i < m_; ++i) {
+      const int64_t j = reversed_[i];
+      if (i < j) {
+        for (int64_t t = 0; t < W; ++t) {
+          std::swap(re[i * W + t], re[j * W + t]);
+          std::swap(im[i * W + t], im[j * W + t]);
+        }
+      }
+    }
+    for (int64_t half = 1; half < m_; half *= 2) {
+      const int64_t step = m_ / (2 * half);  // twiddle j of this stage is exp(-2 pi i j step / m)
+      for (int64_t start = 0; start < m_; start += 2 * half) {
+        for (int64_t j = 0; j < half; ++j) {
+          const double c = cos_[j * step], s = sin_[j * step];
+          double* a_re = re + (start + j) * W;
+          double* a_im = im + (start + j) * W;
+          double* b_re = a_re + half * W;
+          double* b_im = a_im + half * W;
+          for (int64_t t = 0; t < W; ++t) {
+            // (b_re + i b_im)(c - i s)
+            const double p_re = b_re[t] * c + b_im[t] * s;
+            const double p_im = b_im[t] * c - b_re[t] * s;
+            b_re[t] = a_re[t] - p_re;
+            b_im[t] = a_im[t] - p_im;
+            a_re[t] += p_re;
+            a_im[t] += p_im;
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  int64_t m_;
+  std::vector<int64_t> reversed_;  // bit reversal of log2(m) bits
+  std::vector<double> cos_, sin_;
+};
+
+int64_t bluestein_length(int64_t n) {
+  int64_t m = 1;
+  while (m < 2 * n - 1) m *= 2;
+  return m;
+}
+
+// The forward DFT of length n: radix-2 where n is a power of two, Bluestein otherwise.
+//
+// Bluestein: with c_j = exp(-pi i j^2 / n), j k = (j^2 + k^2 - (k - j)^2) / 2 gives
+// X_k = c_k sum_j (x_j c_j) conj(c_{k-j}): a linear convolution of x_j c_j (j < n) with
+// conj(c_l) (|l| < n), computed as a circular one of length m >= 2n - 1 (no wrap-around reaches
+// the bins kept) by two radix-2 FFTs and the precomputed spectrum of conj(c).
+class Dft {
+ public:
+  explicit Dft(int64_t n)
+      : n_(n), bluestein_(!is_power_of_two(static_cast<uint64_t>(n))),
+        fft_(bluestein_ ? bluestein_length(n) : n) {
+    if (!bluestein_) return;
+    const int64_t m = fft_.length();
+    chirp_cos_.resize(static_cast<size_t>(n));
+    chirp_sin_.resize(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) {
+      // j^2 mod 2n exactly (j < 2^31), so the angle is exact up to one rounding.
+      const uint64_t square = static_cast<uint64_t>(j) * static_cast<uint64_t>(j);
+      const uint64_t phase = square % (2 * static_cast<uint64_t>(n));
+      const double angle = kPi * static_cast<double>(phase) / static_cast<double>(n);
+      chirp_cos_[j] = std::cos(angle);  // c_j = cos - i sin
+      chirp_sin_[j] = std::sin(angle);
+    }
+    // The filter conj(c_l) at l and m - l, transformed, with the inverse transform's 1/m folded in.
+    filter_re_.assign(static_cast<size_t>(m), 0.0);
+    filter_im_.assign(static_cast<size_t>(m), 0.0);
+    for (int64_t l = 0; l < n; ++l) {
+      filter_re_[l] = chirp_cos_[l];
+      filter_im_[l] = chirp_sin_[l];
+      if (l > 0) {
+        filter_re_[m - l] = chirp_cos_[l];
+        filter_im_[m - l] = chirp_sin_[l];
+      }
+    }
+    fft_.forward<1>(filter_re_.data(), filter_im_.data());
+    const double inverse_m = 1.0 / static_cast<double>(m);  // a power of two: exact
+    for (int64_t k = 0; k < m; ++k) {
+      filter_re_[k] *= inverse_m;
+      filter_im_[k] *= inverse_m;
+    }
+  }
+
+  // Rows of the arrays forward() works in: n, or Bluestein's padded length.
+  int64_t rows() const { return fft_.length(); }
+
+  // kFftBlock transforms in place: rows [0, n) of re and im in, X_0 .. X_{n-1} out; rows
+  // [n, rows()) are scratch.
+  void forward(double* re, double* im) const {
+    constexpr int64_t W = kFftBlock;
+    if (!bluestein_) {
+      fft_.forward<W>(re, im);
+      return;
+    }
+    const int64_t m = fft_.length();
+    for (int64_t j = 0; j < n_; ++j) {  // a_j = x_j c_j
+      const double c = chirp_cos_[j], s = chirp_sin_[j];
+      double* r = re + j * W;
+      double* i = im + j * W;
+      for (int64_t t = 0; t < W; ++t) {
+        const double x_re = r[t], x_im = i[t];
+        r[t] = x_re * c + x_im * s;
+        i[t] = x_im * c - x_re * s;
+      }
+    }
+    std::fill(re + n_ * W, re + m * W, 0.0);
+    std::fill(im + n_ * W, im + m * W, 0.0);
+    fft_.forward<W>(re, im);
+    // The product of the spectra, conjugated: the inverse FFT as conj(FFT(conj(.))).
+    for (int64_t k = 0; k < m; ++k) {
+      const double f_re = filter_re_[k], f_im = filter_im_[k];
+      double* r = re + k * W;
+      double* i = im + k * W;
+      for (int64_t t = 0; t < W; ++t) {
+        const double a_re = r[t], a_im = i[t];
+        r[t] = a_re * f_re - a_im * f_im;
+        i[t] = -(a_re * f_im + a_im * f_re);
+      }
+    }
+    fft_.forward<W>(re, im);
+    for (int64_t k = 0; k < n_; ++k) {  // X_k = c_k conj(row k)
+      const double c = chirp_cos_[k], s = chirp_sin_[k];
+      double* r = re + k * W;
+      double* i = im + k * W;
+      for (int64_t t = 0; t < W; ++t) {
+        const double y_re = r[t], y_im = -i[t];
+        r[t] = y_re * c + y_im * s;
+        i[t] = y_im * c - y_re * s;
+      }
+    }
+  }
+
+ private:
+  int64_t n_;
+  bool bluestein_;
+  Radix2Fft fft_;
+  std::vector<double> chirp_cos_, chirp_sin_;  // Bluestein only
+  std::vector<double> filter_re_, filter_im_;
+};
+
 struct FftPlan {
   bool made = false;
   bool auto_allocate = true;
@@ -600,6 +787,7 @@ struct FftPlan {
   void* work_area = nullptr;
   std::vector<unsigned char> auto_work;  // the area cuFFT allocated itself
   cudaStream_t stream = nullptr;
+  std::unique_ptr<const Dft> dft;  // the transform's tables, built when the plan is made
 };
 
 struct FftPlans {
@@ -712,21 +900,6 @@ cufftResult check_exec_memory(const FftPlan& plan, cufftHandle handle, const cha
   }
   return CUFFT_SUCCESS;
 }
-
-// cos and sin of 2 pi j / n for j in [0, n): every twiddle of a length-n DFT, exactly indexed.
-void twiddles(int64_t n, std::vector<double>* cosines, std::vector<double>* sines) {
-  cosines->resize(static_cast<size_t>(n));
-  sines->resize(static_cast<size_t>(n));
-  constexpr double kPi = 3.14159265358979323846;
-  const double step = 2.0 * kPi / static_cast<double>(n);
-  for (int64_t j = 0; j < n; ++j) {
-    (*cosines)[j] = std::cos(step * static_cast<double>(j));
-    (*sines)[j] = std::sin(step * static_cast<double>(j));
-  }
-}
-
-// Transforms computed side by side (see cufftExecR2C).
-constexpr int64_t kFftBlock = 16;
 
 void overwrite_work_area(const FftPlan& plan) {
   if (plan.work_area != nullptr && plan.work_bytes > 0) {
@@ -1582,6 +1755,15 @@ cufftResult cufftMakePlanMany64(cufftHandle plan, int rank, long long int* n,
                         " with batch " + std::to_string(batch) + " and " +
                         std::to_string(out_count) + " outputs per transform: outputs may coincide");
   }
+  // The transform's tables (twiddles; for Bluestein the chirp and the filter's spectrum).
+  std::unique_ptr<const Dft> dft;
+  try {
+    dft = std::make_unique<const Dft>(length);
+  } catch (const std::bad_alloc&) {
+    return fft_fail(CUFFT_ALLOC_FAILED, call, plan,
+                    "no memory for the tables of a length-" + std::to_string(length) + " FFT");
+  }
+  p->dft = std::move(dft);
   p->type = type;
   p->n = length;
   p->batch = batch;
@@ -1674,35 +1856,24 @@ cufftResult cufftExecR2C(cufftHandle plan, cufftReal* idata, cufftComplex* odata
                              sizeof(cufftComplex), bins);
   if (result != CUFFT_SUCCESS) return result;
 
-  std::vector<double> cosines, sines;
-  twiddles(n, &cosines, &sines);
+  const Dft& dft = *p->dft;
   std::vector<cufftComplex> spectrum(static_cast<size_t>(p->batch * bins));
-  // Transforms in blocks of kFftBlock: the same twiddle multiplies every transform of a block,
-  // so the innermost loop runs across transforms (vectorisable) over a block that stays in cache.
-  std::vector<double> signal(static_cast<size_t>(n * kFftBlock));  // [x][transform of block]
+  // Transforms in blocks of kFftBlock (see Dft), each a complex one with a zero imaginary part.
+  const size_t block_size = static_cast<size_t>(dft.rows() * kFftBlock);
+  std::vector<double> re(block_size), im(block_size);  // [x][transform of block]
   for (int64_t b0 = 0; b0 < p->batch; b0 += kFftBlock) {
     const int64_t width = std::min(kFftBlock, p->batch - b0);
     for (int64_t x = 0; x < n; ++x) {
-      for (int64_t t = 0; t < width; ++t) {
-        signal[x * kFftBlock + t] = idata[(b0 + t) * p->idist + x * p->istride];
+      for (int64_t t = 0; t < kFftBlock; ++t) {
+        re[x * kFftBlock + t] = t < width ? idata[(b0 + t) * p->idist + x * p->istride] : 0.0;
+        im[x * kFftBlock + t] = 0.0;
       }
     }
+    dft.forward(re.data(), im.data());
     for (int64_t k = 0; k < bins; ++k) {
-      double re[kFftBlock] = {}, im[kFftBlock] = {};
-      int64_t phase = 0;  // x k mod n
-      for (int64_t x = 0; x < n; ++x) {
-        const double c = cosines[phase], s = sines[phase];
-        const double* row = signal.data() + x * kFftBlock;
-        for (int64_t t = 0; t < kFftBlock; ++t) {
-          re[t] += row[t] * c;
-          im[t] -= row[t] * s;
-        }
-        phase += k;
-        if (phase >= n) phase -= n;
-      }
       for (int64_t t = 0; t < width; ++t) {
-        spectrum[(b0 + t) * bins + k] =
-            make_cuComplex(static_cast<float>(re[t]), static_cast<float>(im[t]));
+        spectrum[(b0 + t) * bins + k] = make_cuComplex(static_cast<float>(re[k * kFftBlock + t]),
+                                                       static_cast<float>(im[k * kFftBlock + t]));
       }
     }
   }
@@ -1725,40 +1896,36 @@ cufftResult cufftExecC2R(cufftHandle plan, cufftComplex* idata, cufftReal* odata
   if (result != CUFFT_SUCCESS) return result;
 
   // The Hermitian extension X_{n-k} = conj(X_k): bin 0 and (even n) bin n/2 count once with their
-  // real parts only, bins 1 .. ceil(n/2) - 1 twice.
+  // real parts only, bins 1 .. ceil(n/2) - 1 twice. Its inverse is real, so
+  // x_j = sum_k X_k exp(2 pi i j k / n) = conj(sum_k conj(X_k) exp(-2 pi i j k / n)) is the real
+  // part of the forward transform of the conjugated extension.
   const int64_t paired_end = (n % 2 == 0) ? n / 2 : bins;  // bins [1, paired_end) pair up
-  std::vector<double> cosines, sines;
-  twiddles(n, &cosines, &sines);
+  const Dft& dft = *p->dft;
   std::vector<float> signal(static_cast<size_t>(p->batch * n));
   // As in R2C, blocks of transforms with the transform innermost.
-  std::vector<double> re(static_cast<size_t>(bins * kFftBlock));  // [k][transform of block]
-  std::vector<double> im(static_cast<size_t>(bins * kFftBlock));
+  const size_t block_size = static_cast<size_t>(dft.rows() * kFftBlock);
+  std::vector<double> re(block_size), im(block_size);  // [k][transform of block]
   for (int64_t b0 = 0; b0 < p->batch; b0 += kFftBlock) {
     const int64_t width = std::min(kFftBlock, p->batch - b0);
     for (int64_t k = 0; k < bins; ++k) {
       for (int64_t t = 0; t < kFftBlock; ++t) {
         const cufftComplex v =
             t < width ? idata[(b0 + t) * p->idist + k * p->istride] : make_cuComplex(0.0f, 0.0f);
-        re[k * kFftBlock + t] = v.x;
-        im[k * kFftBlock + t] = v.y;
+        if (k == 0 || k >= paired_end) {  // bin 0, bin n/2 of even n
+          re[k * kFftBlock + t] = v.x;
+          im[k * kFftBlock + t] = 0.0;
+        } else {
+          re[k * kFftBlock + t] = v.x;
+          im[k * kFftBlock + t] = -static_cast<double>(v.y);
+          re[(n - k) * kFftBlock + t] = v.x;
+          im[(n - k) * kFftBlock + t] = v.y;
+        }
       }
     }
+    dft.forward(re.data(), im.data());
     for (int64_t x = 0; x < n; ++x) {
-      double paired[kFftBlock] = {};
-      int64_t phase = x;  // k x mod n, from k = 1
-      for (int64_t k = 1; k < paired_end; ++k) {
-        const double c = cosines[phase], s = sines[phase];
-        const double* re_k = re.data() + k * kFftBlock;
-        const double* im_k = im.data() + k * kFftBlock;
-        for (int64_t t = 0; t < kFftBlock; ++t) paired[t] += re_k[t] * c - im_k[t] * s;
-        phase += x;
-        if (phase >= n) phase -= n;
-      }
-      const double nyquist_sign = x % 2 == 0 ? 1.0 : -1.0;
       for (int64_t t = 0; t < width; ++t) {
-        double sum = re[t] + 2.0 * paired[t];
-        if (n % 2 == 0 && n > 1) sum += nyquist_sign * re[(n / 2) * kFftBlock + t];
-        signal[(b0 + t) * n + x] = static_cast<float>(sum);
+        signal[(b0 + t) * n + x] = static_cast<float>(re[x * kFftBlock + t]);
       }
     }
   }

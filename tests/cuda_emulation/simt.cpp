@@ -82,10 +82,6 @@ struct Context {
 
 // A stack that freqkv_emu_switch "returns" into `entry`, which must never return.
 void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
-#if defined(FREQKV_EMU_ASAN)
-  // The frames of the thread that used this stack last block are still poisoned.
-  __asan_unpoison_memory_region(stack, bytes);
-#endif
   uintptr_t top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15};
   auto* slots = reinterpret_cast<uint64_t*>(top);
   slots[-1] = 0;  // entry's return address: none, which also ends an unwinder's walk
@@ -107,9 +103,6 @@ struct Context {
   size_t stack_size = 0;
 };
 void make_context(Context& context, char* stack, size_t bytes, void (*entry)()) {
-#if defined(FREQKV_EMU_ASAN)
-  __asan_unpoison_memory_region(stack, bytes);
-#endif
   context.stack_bottom = stack;
   context.stack_size = bytes;
   getcontext(&context.uc);
@@ -156,6 +149,9 @@ struct Emulator {
   std::vector<Fiber> fibers;
   std::vector<WarpExchange> warps;
   std::vector<int> order;
+  // Per stack: a thread was abandoned on it mid-kernel (a fault or a deadlock), so frames deep
+  // in it may still be poisoned for AddressSanitizer.
+  std::vector<bool> stack_abandoned = std::vector<bool>(kMaxThreadsPerBlock, false);
   Context scheduler;
   Fiber* running = nullptr;
   LaunchState launch;
@@ -279,7 +275,17 @@ void run_block(Emulator& em, int n_threads, uint64_t block_linear) {
     f.thread.lane = t % 32;
     f.thread.warp = t / 32;
     f.state = FiberState::Ready;
-    make_context(f.context, em.stacks + t * per_thread + em.page, kStackBytes, fiber_entry);
+    char* stack = em.stacks + t * per_thread + em.page;
+#if defined(FREQKV_EMU_ASAN)
+    // A thread that returned left only the frames that were live at its last switch poisoned,
+    // near the top; an abandoned one, anything. Unpoisoning all 512 KiB every time was most of
+    // the emulator's time under AddressSanitizer.
+    constexpr size_t kTopBytes = 32 * 1024;
+    const size_t reset = em.stack_abandoned[t] ? kStackBytes : kTopBytes;
+    __asan_unpoison_memory_region(stack + kStackBytes - reset, reset);
+    em.stack_abandoned[t] = false;
+#endif
+    make_context(f.context, stack, kStackBytes, fiber_entry);
     ++em.warps[t / 32].live;
   }
   em.block_live = n_threads;
@@ -446,6 +452,9 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
       }
     }
   } catch (const std::exception& e) {
+    for (const Fiber& f : em.fibers) {
+      if (f.state != FiberState::Done) em.stack_abandoned[f.thread.linear] = true;
+    }
     em.body = nullptr;
     em.fault = nullptr;
     const std::string what = e.what();

@@ -24,7 +24,7 @@
 //     GPU; here it is a fixed pseudo-random permutation, so code that assumes a layout fails.
 // What it cannot check: performance, the memory model beyond barriers, cp.async, or anything
 // the real libraries (cuBLASLt, cuFFT, NCCL) do -- those are emulated by their documented
-// semantics in emulated_libraries.cpp.
+// semantics in emulated_libraries.cpp and emulated_nccl.cpp.
 #pragma once
 
 #include <cmath>

@@ -689,16 +689,25 @@ TEST_F(CublasLtTest, SetAttributeChecksTheSizeOfEachAttribute) {
 
 constexpr double kPi = 3.14159265358979323846;
 
-// The definitions, computed independently of the emulation's incremental twiddles: the angle of
-// each term from the exact product j k.
+// exp(2 pi i r / n) for r in [0, n): the root of each term j k of a length-n DFT, indexed by the
+// exact product j k mod n.
+std::vector<std::complex<double>> roots_of_unity(int64_t n) {
+  std::vector<std::complex<double>> roots(static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r) {
+    roots[r] = std::polar(1.0, 2.0 * kPi * static_cast<double>(r) / static_cast<double>(n));
+  }
+  return roots;
+}
+
+// The definitions as direct O(n^2) sums, independent of the emulation's FFT: the angle of each
+// term from the exact product j k.
 std::vector<std::complex<double>> reference_r2c(const std::vector<double>& x) {
   const int64_t n = static_cast<int64_t>(x.size());
+  const auto roots = roots_of_unity(n);
   std::vector<std::complex<double>> bins(static_cast<size_t>(n / 2 + 1));
   for (int64_t k = 0; k <= n / 2; ++k) {
     std::complex<double> sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) {
-      sum += x[j] * std::polar(1.0, -2.0 * kPi * static_cast<double>((j * k) % n) / n);
-    }
+    for (int64_t j = 0; j < n; ++j) sum += x[j] * std::conj(roots[(j * k) % n]);
     bins[k] = sum;
   }
   return bins;
@@ -709,13 +718,13 @@ std::vector<std::complex<double>> reference_r2c(const std::vector<double>& x) {
 std::vector<double> reference_c2r(std::vector<std::complex<double>> bins, int64_t n) {
   bins[0] = bins[0].real();
   if (n % 2 == 0) bins[n / 2] = bins[n / 2].real();
+  const auto roots = roots_of_unity(n);
+  std::vector<std::complex<double>> X(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) X[k] = k <= n / 2 ? bins[k] : std::conj(bins[n - k]);
   std::vector<double> y(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
     std::complex<double> sum = 0.0;
-    for (int64_t k = 0; k < n; ++k) {
-      const std::complex<double> X = k <= n / 2 ? bins[k] : std::conj(bins[n - k]);
-      sum += X * std::polar(1.0, 2.0 * kPi * static_cast<double>((j * k) % n) / n);
-    }
+    for (int64_t k = 0; k < n; ++k) sum += X[k] * roots[(j * k) % n];
     y[j] = sum.real();
   }
   return y;
@@ -799,6 +808,67 @@ TEST_F(CufftTest, StridedBatchedR2CAndC2RMatchTheDefinitionsForOddAndEvenLengths
       for (int64_t j = 0; j < n; ++j) {
         EXPECT_NEAR(inverse[j * channels + ch], want_y[j], 1e-5 * 2 * bin_scale)
             << "C2R n " << n << " sample " << j;
+      }
+    }
+  }
+}
+
+// The FFT (radix-2 for powers of two, Bluestein otherwise) is as accurate as the direct sums in
+// double: each result is the definition rounded to float, up to a double-level error. An FFT in
+// float would miss by about 1e-7 of the signal's norm on every bin, small ones included.
+TEST_F(CufftTest, FftMatchesTheDirectDftUpToTheFinalRoundingToFloat) {
+  for (const int64_t n : {1, 2, 3, 5, 7, 8, 16, 33, 250, 1000, 1023, 4092}) {
+    const int64_t channels = 3, bins = n / 2 + 1;  // a partial block of transforms
+    size_t r2c_work = 0, c2r_work = 0;
+    const cufftHandle r2c = strided_plan(CUFFT_R2C, n, channels, &r2c_work);
+    const cufftHandle c2r = strided_plan(CUFFT_C2R, n, channels, &c2r_work);
+    Aligned work(std::max<size_t>({r2c_work, c2r_work, 1}));
+    ASSERT_EQ(cufftSetWorkArea(r2c, work.as<void>()), CUFFT_SUCCESS);
+    ASSERT_EQ(cufftSetWorkArea(c2r, work.as<void>()), CUFFT_SUCCESS);
+
+    std::mt19937 rng(static_cast<uint32_t>(n) + 100);
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    std::vector<float> real(static_cast<size_t>(n * channels));
+    for (float& v : real) v = dist(rng);
+    std::vector<cufftComplex> spectrum(static_cast<size_t>(bins * channels));
+    ASSERT_EQ(cufftExecR2C(r2c, real.data(), spectrum.data()), CUFFT_SUCCESS);
+    // Imaginary parts in bin 0 and (even n) bin n/2 too, which C2R ignores.
+    std::vector<cufftComplex> input(static_cast<size_t>(bins * channels));
+    for (auto& v : input) v = make_cuComplex(dist(rng), dist(rng));
+    const std::vector<cufftComplex> input_copy = input;
+    std::vector<float> inverse(static_cast<size_t>(n * channels));
+    ASSERT_EQ(cufftExecC2R(c2r, input.data(), inverse.data()), CUFFT_SUCCESS);
+
+    // |float(v) - v| <= 2^-24 |v|, plus 1e-13 of a bound on every result for the double sums.
+    const auto tolerance = [](double want, double scale) {
+      return std::ldexp(std::fabs(want), -24) + 1e-13 * scale;
+    };
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      std::vector<double> x(static_cast<size_t>(n));
+      double scale = 0.0;  // sum |x_j| bounds every |X_k|
+      for (int64_t j = 0; j < n; ++j) {
+        x[j] = real[j * channels + ch];
+        scale += std::fabs(x[j]);
+      }
+      const auto want = reference_r2c(x);
+      for (int64_t k = 0; k < bins; ++k) {
+        const cufftComplex got = spectrum[k * channels + ch];
+        ASSERT_NEAR(got.x, want[k].real(), tolerance(want[k].real(), scale))
+            << "R2C n " << n << " channel " << ch << " bin " << k;
+        ASSERT_NEAR(got.y, want[k].imag(), tolerance(want[k].imag(), scale))
+            << "R2C n " << n << " channel " << ch << " bin " << k;
+      }
+      std::vector<std::complex<double>> X(static_cast<size_t>(bins));
+      double bin_scale = 0.0;  // bounds every |x_j|
+      for (int64_t k = 0; k < bins; ++k) {
+        const cufftComplex v = input_copy[k * channels + ch];
+        X[k] = {v.x, v.y};
+        bin_scale += 2.0 * std::abs(X[k]);
+      }
+      const auto want_y = reference_c2r(X, n);
+      for (int64_t j = 0; j < n; ++j) {
+        ASSERT_NEAR(inverse[j * channels + ch], want_y[j], tolerance(want_y[j], bin_scale))
+            << "C2R n " << n << " channel " << ch << " sample " << j;
       }
     }
   }

@@ -4,11 +4,12 @@
 //
 // Emulated: single-precision CUFFT_R2C and CUFFT_C2R plans of rank 1 with the advanced data
 // layout (element x of batch b at b * dist + x * stride), batched, out of place or in place.
-// Transforms are direct DFTs in double, stored as float: R2C writes the n/2 + 1 bins
-// X_k = sum_x x_j e^{-2 pi i j k / n}; C2R is the unnormalised inverse of a Hermitian spectrum
-// (no 1/n; the imaginary parts of bin 0 and, for even n, bin n/2 are ignored) and overwrites its
-// input, as the documentation warns an out-of-place C2R may. Anything else (other types, ranks 2
-// and 3) returns CUFFT_NOT_SUPPORTED at plan time instead of computing something else.
+// Transforms are FFTs in double (radix 2; Bluestein for other lengths), stored as float: R2C
+// writes the n/2 + 1 bins X_k = sum_x x_j e^{-2 pi i j k / n}; C2R is the unnormalised inverse
+// of a Hermitian spectrum (no 1/n; the imaginary parts of bin 0 and, for even n, bin n/2 are
+// ignored) and overwrites its input, as the documentation warns an out-of-place C2R may.
+// Anything else (other types, ranks 2 and 3) returns CUFFT_NOT_SUPPORTED at plan time instead
+// of computing something else.
 //
 // Work areas: plans of n > 1 report a nonzero work size. With cufftSetAutoAllocation(plan, 0)
 // before the plan is made, an exec before cufftSetWorkArea returns CUFFT_NO_WORKSPACE; each exec
