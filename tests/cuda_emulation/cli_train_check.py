@@ -5,7 +5,9 @@ weights, fp32 master weights, the flash attention kernels (head_dim 64), FreqKV 
 the optimiser on the device -- on one rank and under mpirun with --tp 2, --sp 2 and --dp 2
 (collectives over the emulated NCCL), and resumes from a checkpoint written on the device. The
 loss of every step must track the CPU fp32 run of the ordinary binary, the parallel runs must
-track the one-rank run, and the resumed run must repeat the uninterrupted one exactly.
+track the one-rank run, and the resumed run must repeat the uninterrupted one exactly. Then the
+exported model is evaluated and decoded with --device cuda (the FreqKV decoder on the GPU), on
+one rank and with --tp 2: perplexities must track the CPU's, and generation must run.
 
     /usr/bin/python3 tests/cuda_emulation/cli_train_check.py --freqkv build/freqkv \
         --freqkv-emulated build/tests/cuda_emulation/freqkv_emulated --mpirun mpirun
@@ -125,6 +127,49 @@ def main():
              "--resume", "latest"])
         resumed = losses(resumed_dir)
         expect_close("GPU resumed at step 4 vs straight", resumed[4:], gpu[4:], 1e-6)
+
+        # Inference on the GPU path: the export of the GPU run, evaluated and decoded.
+        model = os.path.join(tmp, "export")
+        run([args.freqkv_emulated, "export", "--checkpoint", os.path.join(gpu_dir, "checkpoints"),
+             "--out", model])
+        cache = ["--cache", "32", "--sink", "2", "--ratio", "0.5"]
+        evaluate = ["eval", "--model", model, "--tokens", os.path.join(tmp, "tokens.bin"),
+                    "--lengths", "64,128", "--stride", "64", "--max-windows", "3",
+                    "--compare-full"] + cache
+
+        def perplexities(name, cmd):
+            path = os.path.join(tmp, name + ".json")
+            run(cmd + ["--json", path])
+            with open(path) as f:
+                result = json.load(f)
+            return [entry[mode]["ppl"] for entry in result["lengths"]
+                    for mode in ("freqkv", "full") if mode in entry]
+
+        cpu_ppl = perplexities("eval_cpu", [args.freqkv] + evaluate)
+        gpu_ppl = perplexities("eval_gpu", [args.freqkv_emulated] + evaluate + ["--device", "cuda"])
+        tp_ppl = perplexities("eval_gpu_tp2", [args.mpirun, "-np", "2", "--oversubscribe",
+                                               args.freqkv_emulated] + evaluate +
+                              ["--device", "cuda", "--tp", "2"])
+        print("eval perplexities (64 FreqKV, 64 full, 128 FreqKV, 128 full):")
+        print("  CPU fp32      " + " ".join(f"{p:9.4f}" for p in cpu_ppl))
+        print("  GPU bf16      " + " ".join(f"{p:9.4f}" for p in gpu_ppl))
+        print("  GPU bf16 tp2  " + " ".join(f"{p:9.4f}" for p in tp_ppl))
+        expect_close("eval GPU bf16 vs CPU fp32", gpu_ppl, cpu_ppl, 3e-2)
+        expect_close("eval GPU tp2 vs 1 GPU", tp_ppl, gpu_ppl, 1e-2)
+
+        prompt = os.path.join(tmp, "prompt.txt")
+        with open(prompt, "w") as f:
+            f.write(" ".join(str((i * 7) % 61) for i in range(40)))
+        generate = ["generate", "--model", model, "--prompt-tokens", prompt, "--max-new-tokens",
+                    "24", "--print-ids", "--greedy", "--device", "cuda"] + cache
+        for name, cmd in [("1 GPU", [args.freqkv_emulated] + generate),
+                          ("tp2", [args.mpirun, "-np", "2", "--oversubscribe",
+                                   args.freqkv_emulated] + generate + ["--tp", "2"])]:
+            ids = run(cmd).split()
+            ok = len(ids) == 24 and all(0 <= int(t) < 64 for t in ids)
+            print(f"generate GPU {name}: {' '.join(ids)} {'ok' if ok else 'FAILED'}")
+            if not ok:
+                failed.append(f"generate GPU {name} gave {len(ids)} tokens, not 24 ids < 64")
 
     if failed:
         sys.exit("FAILED: " + "; ".join(failed))
