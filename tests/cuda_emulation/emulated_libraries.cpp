@@ -1145,9 +1145,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
       return blas_fail(CUBLAS_STATUS_INVALID_VALUE, call,
                        "the workspace set by cublasSetWorkspace overlaps A, B or C: " + shapes);
     }
-    std::memset(h->user_workspace, 0xff, used);
   }
-  run_gemm(g);
+  // Runs in stream order (the handle's stream), overwriting the workspace as the GPU's GEMM may.
+  void* workspace = h->has_user_workspace ? h->user_workspace : nullptr;
+  const size_t used = workspace != nullptr ? std::min(h->user_workspace_bytes, kGemmExWorkspaceUse) : 0;
+  emu::enqueue(h->stream, [g, workspace, used]() {
+    if (used > 0) std::memset(workspace, 0xff, used);
+    run_gemm(g);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -1662,12 +1667,15 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t lightHandle, cublasLtMatmulDesc_t
       elements_overlap(work, c_elements) || elements_overlap(work, d_elements)) {
     return lt_fail(CUBLAS_STATUS_INVALID_VALUE, call, "the workspace overlaps A, B, C or D");
   }
-  if (used > 0) std::memset(workspace, 0xff, used);
   g.A = A;
   g.B = B;
   g.C = C;
   g.D = D;
-  run_gemm(g);
+  // Runs in stream order, overwriting the workspace as the GPU's matmul may.
+  emu::enqueue(stream, [g, workspace, used]() {
+    if (used > 0) std::memset(workspace, 0xff, used);
+    run_gemm(g);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -1856,32 +1864,35 @@ cufftResult cufftExecR2C(cufftHandle plan, cufftReal* idata, cufftComplex* odata
                              sizeof(cufftComplex), bins);
   if (result != CUFFT_SUCCESS) return result;
 
-  const Dft& dft = *p->dft;
-  std::vector<cufftComplex> spectrum(static_cast<size_t>(p->batch * bins));
-  // Transforms in blocks of kFftBlock (see Dft), each a complex one with a zero imaginary part.
-  const size_t block_size = static_cast<size_t>(dft.rows() * kFftBlock);
-  std::vector<double> re(block_size), im(block_size);  // [x][transform of block]
-  for (int64_t b0 = 0; b0 < p->batch; b0 += kFftBlock) {
-    const int64_t width = std::min(kFftBlock, p->batch - b0);
-    for (int64_t x = 0; x < n; ++x) {
-      for (int64_t t = 0; t < kFftBlock; ++t) {
-        re[x * kFftBlock + t] = t < width ? idata[(b0 + t) * p->idist + x * p->istride] : 0.0;
-        im[x * kFftBlock + t] = 0.0;
+  // Runs in stream order (the plan's stream), like the GPU's transform.
+  emu::enqueue(p->stream, [p, idata, odata, n, bins]() {
+    const Dft& dft = *p->dft;
+    std::vector<cufftComplex> spectrum(static_cast<size_t>(p->batch * bins));
+    // Transforms in blocks of kFftBlock (see Dft), each a complex one with a zero imaginary part.
+    const size_t block_size = static_cast<size_t>(dft.rows() * kFftBlock);
+    std::vector<double> re(block_size), im(block_size);  // [x][transform of block]
+    for (int64_t b0 = 0; b0 < p->batch; b0 += kFftBlock) {
+      const int64_t width = std::min(kFftBlock, p->batch - b0);
+      for (int64_t x = 0; x < n; ++x) {
+        for (int64_t t = 0; t < kFftBlock; ++t) {
+          re[x * kFftBlock + t] = t < width ? idata[(b0 + t) * p->idist + x * p->istride] : 0.0;
+          im[x * kFftBlock + t] = 0.0;
+        }
+      }
+      dft.forward(re.data(), im.data());
+      for (int64_t k = 0; k < bins; ++k) {
+        for (int64_t t = 0; t < width; ++t) {
+          spectrum[(b0 + t) * bins + k] = make_cuComplex(static_cast<float>(re[k * kFftBlock + t]),
+                                                         static_cast<float>(im[k * kFftBlock + t]));
+        }
       }
     }
-    dft.forward(re.data(), im.data());
-    for (int64_t k = 0; k < bins; ++k) {
-      for (int64_t t = 0; t < width; ++t) {
-        spectrum[(b0 + t) * bins + k] = make_cuComplex(static_cast<float>(re[k * kFftBlock + t]),
-                                                       static_cast<float>(im[k * kFftBlock + t]));
-      }
+    overwrite_work_area(*p);
+    for (int64_t b = 0; b < p->batch; ++b) {
+      for (int64_t k = 0; k < bins; ++k)
+        odata[b * p->odist + k * p->ostride] = spectrum[b * bins + k];
     }
-  }
-  overwrite_work_area(*p);
-  for (int64_t b = 0; b < p->batch; ++b) {
-    for (int64_t k = 0; k < bins; ++k)
-      odata[b * p->odist + k * p->ostride] = spectrum[b * bins + k];
-  }
+  });
   return CUFFT_SUCCESS;
 }
 
@@ -1895,50 +1906,53 @@ cufftResult cufftExecC2R(cufftHandle plan, cufftComplex* idata, cufftReal* odata
                              sizeof(cufftReal), n);
   if (result != CUFFT_SUCCESS) return result;
 
-  // The Hermitian extension X_{n-k} = conj(X_k): bin 0 and (even n) bin n/2 count once with their
-  // real parts only, bins 1 .. ceil(n/2) - 1 twice. Its inverse is real, so
-  // x_j = sum_k X_k exp(2 pi i j k / n) = conj(sum_k conj(X_k) exp(-2 pi i j k / n)) is the real
-  // part of the forward transform of the conjugated extension.
-  const int64_t paired_end = (n % 2 == 0) ? n / 2 : bins;  // bins [1, paired_end) pair up
-  const Dft& dft = *p->dft;
-  std::vector<float> signal(static_cast<size_t>(p->batch * n));
-  // As in R2C, blocks of transforms with the transform innermost.
-  const size_t block_size = static_cast<size_t>(dft.rows() * kFftBlock);
-  std::vector<double> re(block_size), im(block_size);  // [k][transform of block]
-  for (int64_t b0 = 0; b0 < p->batch; b0 += kFftBlock) {
-    const int64_t width = std::min(kFftBlock, p->batch - b0);
-    for (int64_t k = 0; k < bins; ++k) {
-      for (int64_t t = 0; t < kFftBlock; ++t) {
-        const cufftComplex v =
-            t < width ? idata[(b0 + t) * p->idist + k * p->istride] : make_cuComplex(0.0f, 0.0f);
-        if (k == 0 || k >= paired_end) {  // bin 0, bin n/2 of even n
-          re[k * kFftBlock + t] = v.x;
-          im[k * kFftBlock + t] = 0.0;
-        } else {
-          re[k * kFftBlock + t] = v.x;
-          im[k * kFftBlock + t] = -static_cast<double>(v.y);
-          re[(n - k) * kFftBlock + t] = v.x;
-          im[(n - k) * kFftBlock + t] = v.y;
+  // Runs in stream order (the plan's stream), like the GPU's transform.
+  emu::enqueue(p->stream, [p, idata, odata, n, bins]() {
+    // The Hermitian extension X_{n-k} = conj(X_k): bin 0 and (even n) bin n/2 count once with their
+    // real parts only, bins 1 .. ceil(n/2) - 1 twice. Its inverse is real, so
+    // x_j = sum_k X_k exp(2 pi i j k / n) = conj(sum_k conj(X_k) exp(-2 pi i j k / n)) is the real
+    // part of the forward transform of the conjugated extension.
+    const int64_t paired_end = (n % 2 == 0) ? n / 2 : bins;  // bins [1, paired_end) pair up
+    const Dft& dft = *p->dft;
+    std::vector<float> signal(static_cast<size_t>(p->batch * n));
+    // As in R2C, blocks of transforms with the transform innermost.
+    const size_t block_size = static_cast<size_t>(dft.rows() * kFftBlock);
+    std::vector<double> re(block_size), im(block_size);  // [k][transform of block]
+    for (int64_t b0 = 0; b0 < p->batch; b0 += kFftBlock) {
+      const int64_t width = std::min(kFftBlock, p->batch - b0);
+      for (int64_t k = 0; k < bins; ++k) {
+        for (int64_t t = 0; t < kFftBlock; ++t) {
+          const cufftComplex v =
+              t < width ? idata[(b0 + t) * p->idist + k * p->istride] : make_cuComplex(0.0f, 0.0f);
+          if (k == 0 || k >= paired_end) {  // bin 0, bin n/2 of even n
+            re[k * kFftBlock + t] = v.x;
+            im[k * kFftBlock + t] = 0.0;
+          } else {
+            re[k * kFftBlock + t] = v.x;
+            im[k * kFftBlock + t] = -static_cast<double>(v.y);
+            re[(n - k) * kFftBlock + t] = v.x;
+            im[(n - k) * kFftBlock + t] = v.y;
+          }
+        }
+      }
+      dft.forward(re.data(), im.data());
+      for (int64_t x = 0; x < n; ++x) {
+        for (int64_t t = 0; t < width; ++t) {
+          signal[(b0 + t) * n + x] = static_cast<float>(re[x * kFftBlock + t]);
         }
       }
     }
-    dft.forward(re.data(), im.data());
-    for (int64_t x = 0; x < n; ++x) {
-      for (int64_t t = 0; t < width; ++t) {
-        signal[(b0 + t) * n + x] = static_cast<float>(re[x * kFftBlock + t]);
-      }
+    // Documented: a complex-to-real transform may overwrite its input. It does here (NaN), so a
+    // caller that reads the spectrum afterwards fails.
+    const cufftComplex poison = make_cuComplex(std::nanf(""), std::nanf(""));
+    for (int64_t b = 0; b < p->batch; ++b) {
+      for (int64_t k = 0; k < bins; ++k) idata[b * p->idist + k * p->istride] = poison;
     }
-  }
-  // Documented: a complex-to-real transform may overwrite its input. It does here (NaN), so a
-  // caller that reads the spectrum afterwards fails.
-  const cufftComplex poison = make_cuComplex(std::nanf(""), std::nanf(""));
-  for (int64_t b = 0; b < p->batch; ++b) {
-    for (int64_t k = 0; k < bins; ++k) idata[b * p->idist + k * p->istride] = poison;
-  }
-  overwrite_work_area(*p);
-  for (int64_t b = 0; b < p->batch; ++b) {
-    for (int64_t x = 0; x < n; ++x) odata[b * p->odist + x * p->ostride] = signal[b * n + x];
-  }
+    overwrite_work_area(*p);
+    for (int64_t b = 0; b < p->batch; ++b) {
+      for (int64_t x = 0; x < n; ++x) odata[b * p->odist + x * p->ostride] = signal[b * n + x];
+    }
+  });
   return CUFFT_SUCCESS;
 }
 

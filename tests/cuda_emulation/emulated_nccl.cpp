@@ -860,6 +860,10 @@ ncclResult_t run_or_queue(ncclComm* comm, cudaStream_t stream, const std::string
   }
   const ncclResult_t earlier = complete_earlier_sends(comm, &stream, call);
   if (earlier != ncclSuccess) return earlier;
+  // The operation runs now, so the work enqueued before it on its stream (and what that work
+  // waits for, cudaStreamWaitEvent) must have run: a collective that does not wait for the
+  // kernels producing its input reads stale data, as it would on a GPU.
+  emu::drain(stream);
   return body();
 }
 
@@ -1597,6 +1601,7 @@ ncclResult_t point_to_point(GroupOp::Kind kind, const void* sendbuff, void* recv
     return ncclSuccess;
   }
   if (ncclResult_t r = complete_earlier_sends(comm, &stream, call); r != ncclSuccess) return r;
+  emu::drain(stream);  // runs now: after the work enqueued before it on its stream (run_or_queue)
   return run_p2p({&op}, nullptr);
 }
 }  // namespace
@@ -1640,6 +1645,7 @@ ncclResult_t ncclGroupEnd() {
         r != ncclSuccess) {
       return r;
     }
+    emu::drain(op.stream);
   }
   std::vector<const GroupOp*> p2p;
   for (const GroupOp& op : ops) {

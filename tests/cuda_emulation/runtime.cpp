@@ -5,6 +5,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <deque>
+#include <functional>
+#include <stdexcept>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -23,6 +26,13 @@ struct Allocation {
   bool stream_pool;  // cudaMallocAsync
 };
 
+// One stream's queue: work enqueued and not yet run, numbered in enqueue order.
+struct StreamQueue {
+  std::deque<std::pair<uint64_t, std::function<void()>>> pending;
+  uint64_t enqueued = 0;  // the number of the last work enqueued
+  bool blocking = true;   // synchronises with the legacy default stream (not cudaStreamNonBlocking)
+};
+
 struct RuntimeState {
   std::mutex mutex;
   std::map<const char*, Allocation> allocations;
@@ -30,8 +40,9 @@ struct RuntimeState {
   size_t pool_bytes = 0;
   size_t pool_high = 0;
   cudaError_t last_error = cudaSuccess;
-  int streams = 0;
   std::vector<void (*)()> synchronize_hooks;
+  std::map<cudaStream_t, StreamQueue> streams;  // nullptr: the legacy default stream
+  int deferred = -1;                            // FREQKV_EMU_STREAMS, read once
 };
 
 RuntimeState& state() {
@@ -113,6 +124,57 @@ cudaError_t check_side(const void* p, size_t bytes, bool want_device, const char
   return cudaSuccess;
 }
 
+bool deferred() {
+  RuntimeState& s = state();
+  if (s.deferred < 0) {
+    const char* value = std::getenv("FREQKV_EMU_STREAMS");
+    const std::string v = value == nullptr ? "" : value;
+    if (v != "" && v != "deferred" && v != "immediate") {
+      throw std::invalid_argument("FREQKV_EMU_STREAMS='" + v +
+                                  "': the CUDA emulator runs stream work deferred (the default) "
+                                  "or immediate");
+    }
+    s.deferred = v != "immediate";
+  }
+  return s.deferred == 1;
+}
+
+StreamQueue& queue_of(cudaStream_t stream) { return state().streams[stream]; }
+
+// Runs the work of `stream` numbered up to `last`, in order. Work may drain other streams (a
+// cudaStreamWaitEvent) and they this one: each item leaves the queue before it runs.
+void drain_to(cudaStream_t stream, uint64_t last) {
+  StreamQueue& q = queue_of(stream);  // std::map: the reference survives insertions
+  while (!q.pending.empty() && q.pending.front().first <= last) {
+    std::function<void()> work = std::move(q.pending.front().second);
+    q.pending.pop_front();
+    work();
+  }
+}
+
+void drain_stream(cudaStream_t stream) { drain_to(stream, queue_of(stream).enqueued); }
+
+void drain_all() {
+  bool again = true;
+  while (again) {
+    again = false;
+    for (auto& [stream, q] : state().streams) {
+      if (!q.pending.empty()) {
+        drain_stream(stream);
+        again = true;
+      }
+    }
+  }
+}
+
+// What a blocking call on the legacy default stream waits for: that stream and every blocking
+// stream (a stream made with cudaStreamNonBlocking does not synchronise with it).
+void drain_legacy() {
+  for (auto& [stream, q] : state().streams) {
+    if (stream == nullptr || q.blocking) drain_stream(stream);
+  }
+}
+
 // The host waits for the device here.
 cudaError_t synchronized() {
   for (void (*flush)() : state().synchronize_hooks) flush();
@@ -121,6 +183,8 @@ cudaError_t synchronized() {
 
 struct EmulatedEvent {
   bool recorded = false;
+  cudaStream_t stream = nullptr;
+  uint64_t last = 0;  // the stream's work up to this number precedes the event
 };
 
 }  // namespace
@@ -128,6 +192,26 @@ struct EmulatedEvent {
 namespace emu {
 void set_last_error(int error) { state().last_error = static_cast<cudaError_t>(error); }
 void add_synchronize_hook(void (*flush)()) { state().synchronize_hooks.push_back(flush); }
+
+void enqueue(cudaStream_t stream, std::function<void()> work) {
+  if (!deferred()) {
+    work();
+    return;
+  }
+  StreamQueue& q = queue_of(stream);
+  q.pending.emplace_back(++q.enqueued, std::move(work));
+}
+
+void drain(cudaStream_t stream) { drain_stream(stream); }
+
+void set_deferred_streams(bool deferred) {
+  drain_all();
+  state().deferred = deferred ? 1 : 0;
+}
+
+void enqueue_launch(const void* stream, std::function<void()> work) {
+  enqueue(static_cast<cudaStream_t>(const_cast<void*>(stream)), std::move(work));
+}
 }  // namespace emu
 
 const char* cudaGetErrorName(cudaError_t error) {
@@ -136,6 +220,7 @@ const char* cudaGetErrorName(cudaError_t error) {
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
@@ -151,6 +236,7 @@ const char* cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorNotReady: return "device not ready";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
@@ -189,7 +275,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   }
   return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: an attribute the emulator lacks");
 }
-cudaError_t cudaDeviceSynchronize() { return synchronized(); }
+cudaError_t cudaDeviceSynchronize() {
+  drain_all();
+  return synchronized();
+}
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   *total_bytes = kDeviceBytes;
   *free_bytes = kDeviceBytes - state().device_bytes;
@@ -197,16 +286,28 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 }
 
 cudaError_t cudaMalloc(void** ptr, size_t bytes) { return allocate(ptr, bytes, true, false); }
-cudaError_t cudaFree(void* ptr) { return release(ptr, true, "cudaFree"); }
+cudaError_t cudaFree(void* ptr) {
+  drain_all();  // cudaFree waits for the device
+  return release(ptr, true, "cudaFree");
+}
 cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) {
   return allocate(ptr, bytes, true, true);
 }
-cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) { return release(ptr, true, "cudaFreeAsync"); }
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
+  if (ptr != nullptr && find(ptr, 1) == nullptr) {
+    return fail(cudaErrorInvalidValue, "cudaFreeAsync of a pointer it did not allocate");
+  }
+  // Freed in stream order: work enqueued before still sees the memory, work after does not.
+  emu::enqueue(stream, [ptr] { (void)release(ptr, true, "cudaFreeAsync"); });
+  return cudaSuccess;
+}
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) { return allocate(ptr, bytes, false, false); }
-cudaError_t cudaFreeHost(void* ptr) { return release(ptr, false, "cudaFreeHost"); }
+cudaError_t cudaFreeHost(void* ptr) {
+  drain_all();  // cudaFreeHost waits for the device
+  return release(ptr, false, "cudaFreeHost");
+}
 
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  if (bytes == 0) return cudaSuccess;
+static cudaError_t check_copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   if (kind != cudaMemcpyDefault) {
     const bool dst_device = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
     const bool src_device = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
@@ -215,41 +316,89 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
     e = check_side(src, bytes, src_device, "source");
     if (e != cudaSuccess) return e;
   }
+  return cudaSuccess;
+}
+
+static bool pinned_host(const void* p) {
+  const Allocation* a = find(p, 1);
+  return a != nullptr && !a->device;
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  if (bytes == 0) return cudaSuccess;
+  const cudaError_t e = check_copy(dst, src, bytes, kind);
+  if (e != cudaSuccess) return e;
+  drain_legacy();  // a blocking copy on the legacy default stream
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
-  return cudaMemcpy(dst, src, bytes, kind);
-}
-cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
+                            cudaStream_t stream) {
   if (bytes == 0) return cudaSuccess;
+  const cudaError_t e = check_copy(dst, src, bytes, kind);
+  if (e != cudaSuccess) return e;
+  const bool src_pageable = !pinned_host(src) && (kind == cudaMemcpyHostToDevice ||
+                                                  kind == cudaMemcpyHostToHost);
+  const bool dst_pageable = !pinned_host(dst) && (kind == cudaMemcpyDeviceToHost ||
+                                                  kind == cudaMemcpyHostToHost);
+  if (dst_pageable) {
+    // Into pageable memory the copy returns only when done: after the stream's earlier work.
+    emu::drain(stream);
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+  }
+  if (src_pageable) {
+    // From pageable memory the runtime stages the bytes before returning: the caller may reuse
+    // its buffer at once. From pinned memory it reads them when the copy runs.
+    auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                      static_cast<const char*>(src) + bytes);
+    emu::enqueue(stream, [dst, staged, bytes] { std::memcpy(dst, staged->data(), bytes); });
+    return cudaSuccess;
+  }
+  emu::enqueue(stream, [dst, src, bytes] { std::memmove(dst, src, bytes); });
+  return cudaSuccess;
+}
+static cudaError_t check_set(void* ptr, size_t bytes) {
   const Allocation* a = find(ptr, bytes);
   if (a == nullptr || !a->device) {
     return fail(cudaErrorInvalidValue, "cudaMemset of " + std::to_string(bytes) +
                                            " bytes not inside one device allocation");
   }
+  return cudaSuccess;
+}
+cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
+  if (bytes == 0) return cudaSuccess;
+  if (const cudaError_t e = check_set(ptr, bytes); e != cudaSuccess) return e;
+  drain_legacy();
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
-  return cudaMemset(ptr, value, bytes);
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return cudaSuccess;
+  if (const cudaError_t e = check_set(ptr, bytes); e != cudaSuccess) return e;
+  emu::enqueue(stream, [ptr, value, bytes] { std::memset(ptr, value, bytes); });
+  return cudaSuccess;
 }
 
 cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
   // A distinct non-null token per stream.
   *stream = reinterpret_cast<cudaStream_t>(new char);
-  ++state().streams;
+  queue_of(*stream).blocking = (flags & cudaStreamNonBlocking) == 0;
   return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   if (stream == nullptr) return fail(cudaErrorInvalidValue, "cudaStreamDestroy(null)");
+  // The runtime lets the stream's work finish first.
+  drain_stream(stream);
+  state().streams.erase(stream);
   delete reinterpret_cast<char*>(stream);
-  --state().streams;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return synchronized(); }
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  drain_stream(stream);
+  return synchronized();
+}
 
 cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, 0); }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
@@ -262,21 +411,36 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   delete reinterpret_cast<EmulatedEvent*>(event);
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventRecord(null)");
-  reinterpret_cast<EmulatedEvent*>(event)->recorded = true;
+  EmulatedEvent* e = reinterpret_cast<EmulatedEvent*>(event);
+  e->recorded = true;
+  e->stream = stream;
+  e->last = queue_of(stream).enqueued;  // everything enqueued on the stream so far
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventSynchronize(null)");
+  const EmulatedEvent* e = reinterpret_cast<const EmulatedEvent*>(event);
+  if (e->recorded) drain_to(e->stream, e->last);
   return synchronized();
 }
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaEventQuery(null)");
-  return cudaSuccess;
+  const EmulatedEvent* e = reinterpret_cast<const EmulatedEvent*>(event);
+  const StreamQueue& q = queue_of(e->stream);
+  const bool done = !e->recorded || q.pending.empty() || q.pending.front().first > e->last;
+  return done ? cudaSuccess : cudaErrorNotReady;
 }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
   if (event == nullptr) return fail(cudaErrorInvalidValue, "cudaStreamWaitEvent on a null event");
+  const EmulatedEvent* e = reinterpret_cast<const EmulatedEvent*>(event);
+  if (!e->recorded) return cudaSuccess;  // waiting for an event never recorded waits for nothing
+  // Work enqueued on `stream` after this runs after the event's work: draining `stream` past
+  // this point first drains the event's stream up to it.
+  const cudaStream_t producer = e->stream;
+  const uint64_t last = e->last;
+  emu::enqueue(stream, [producer, last] { drain_to(producer, last); });
   return cudaSuccess;
 }
 

@@ -399,14 +399,9 @@ bool set_function_attribute(const void* kernel, int attribute, int value) {
   return true;
 }
 
-int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
-             size_t dynamic_shared_bytes, const std::function<void()>& thread_body) {
+int check_launch_configuration(const void* kernel, dim3 grid, dim3 block,
+                               size_t dynamic_shared_bytes) {
   Emulator& em = emulator();
-  if (em.running != nullptr || em.body != nullptr) {
-    throw std::logic_error(std::string("CUDA emulator: ") + kernel_name +
-                           " launched from inside a kernel");
-  }
-  // The runtime's checks of a launch configuration.
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 ||
       block.z > 64 || threads > kMaxThreadsPerBlock) {
@@ -420,6 +415,19 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
   const size_t allowed =
       limit == em.dynamic_shared_limit.end() ? kDefaultDynamicSharedLimit : limit->second;
   if (dynamic_shared_bytes > allowed) return kCudaErrorInvalidValue;
+  return 0;
+}
+
+int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
+             size_t dynamic_shared_bytes, const std::function<void()>& thread_body) {
+  Emulator& em = emulator();
+  if (em.running != nullptr || em.body != nullptr) {
+    throw std::logic_error(std::string("CUDA emulator: ") + kernel_name +
+                           " launched from inside a kernel");
+  }
+  const int invalid = check_launch_configuration(kernel, grid, block, dynamic_shared_bytes);
+  if (invalid != 0) return invalid;
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
 
   if (!em.schedule_read) {
     em.schedule = schedule_from_environment();

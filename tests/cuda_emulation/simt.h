@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -121,27 +122,44 @@ bool set_function_attribute(const void* kernel, int attribute, int value);
 void set_schedule(const char* name);
 // Records a launch failure as the runtime's last error (runtime.cpp).
 void set_last_error(int error);
+// The runtime's checks of a launch configuration: 0, or the cudaError_t value of the failure.
+int check_launch_configuration(const void* kernel, dim3 grid, dim3 block,
+                               size_t dynamic_shared_bytes);
+// Enqueues a launch on a stream (a cudaStream_t; runtime.cpp, emu::enqueue).
+void enqueue_launch(const void* stream, std::function<void()> work);
 
 template <typename... Params>
 class Launch {
  public:
-  Launch(void (*kernel)(Params...), const char* name, dim3 grid, dim3 block, size_t smem)
-      : kernel_(kernel), name_(name), grid_(grid), block_(block), smem_(smem) {}
+  Launch(void (*kernel)(Params...), const char* name, dim3 grid, dim3 block, size_t smem,
+         const void* stream)
+      : kernel_(kernel), name_(name), grid_(grid), block_(block), smem_(smem), stream_(stream) {}
 
-  // The arguments convert to the kernel's parameter types once, on the host, as a real launch
-  // copies them into the kernel's parameter space.
+  // The configuration is checked now (cudaGetLastError right after the launch sees a bad one);
+  // the kernel runs in stream order. The arguments convert to the kernel's parameter types now,
+  // on the host, as a real launch copies them into the kernel's parameter space.
   template <typename... Args>
   void operator()(Args&&... args) const {
     static_assert(sizeof...(Args) == sizeof...(Params), "kernel launched with a wrong arity");
-    std::tuple<std::decay_t<Params>...> parameters(std::forward<Args>(args)...);
     auto* kernel = kernel_;
-    const int error = run_grid(name_, reinterpret_cast<const void*>(kernel), grid_, block_, smem_,
-                               [&parameters, kernel] {
-                                 // Each thread gets its own copy of the parameters, as on the GPU.
-                                 std::tuple<std::decay_t<Params>...> mine = parameters;
-                                 std::apply(kernel, mine);
-                               });
-    if (error != 0) set_last_error(error);
+    const int error =
+        check_launch_configuration(reinterpret_cast<const void*>(kernel), grid_, block_, smem_);
+    if (error != 0) {
+      set_last_error(error);
+      return;
+    }
+    auto parameters =
+        std::make_shared<const std::tuple<std::decay_t<Params>...>>(std::forward<Args>(args)...);
+    const char* name = name_;
+    const dim3 grid = grid_, block = block_;
+    const size_t smem = smem_;
+    enqueue_launch(stream_, [=] {
+      (void)run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, smem, [&] {
+        // Each thread gets its own copy of the parameters, as on the GPU.
+        std::tuple<std::decay_t<Params>...> mine = *parameters;
+        std::apply(kernel, mine);
+      });
+    });
   }
 
  private:
@@ -149,12 +167,13 @@ class Launch {
   const char* name_;
   dim3 grid_, block_;
   size_t smem_;
+  const void* stream_;
 };
 
 template <typename... Params>
 Launch<Params...> launch(void (*kernel)(Params...), const char* name, dim3 grid, dim3 block,
-                         size_t dynamic_shared_bytes = 0, const void* /*stream*/ = nullptr) {
-  return Launch<Params...>(kernel, name, grid, block, dynamic_shared_bytes);
+                         size_t dynamic_shared_bytes = 0, const void* stream = nullptr) {
+  return Launch<Params...>(kernel, name, grid, block, dynamic_shared_bytes, stream);
 }
 
 }  // namespace emu

@@ -126,6 +126,15 @@ const char* op_text(bool t) { return t ? "T" : "N"; }
 
 // ==== cuBLAS =====================================================================================
 
+// These tests check the libraries' semantics, reading results right after each call: library work
+// runs when it is called (stream order is tested in test_simt.cpp and by the backend's tests).
+class ImmediateStreams : public ::testing::Environment {
+ public:
+  void SetUp() override { emu::set_deferred_streams(false); }
+};
+const ::testing::Environment* const immediate_streams =
+    ::testing::AddGlobalTestEnvironment(new ImmediateStreams);
+
 class CublasTest : public ::testing::Test {
  protected:
   void SetUp() override { ASSERT_EQ(cublasCreate(&handle_), CUBLAS_STATUS_SUCCESS); }

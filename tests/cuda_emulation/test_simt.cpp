@@ -15,6 +15,9 @@
 
 namespace {
 
+// Kernels run in stream order: the host waits for them before reading what they wrote.
+void sync() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
+
 class Simt : public ::testing::Test {
  protected:
   void TearDown() override { emu::set_schedule("forward"); }
@@ -59,6 +62,9 @@ __global__ void two_block_sums_kernel(const float* x, float* out) {
   const float b = unguarded_block_sum(2.0f * x[threadIdx.x], scratch);
   out[threadIdx.x] = a + b;
 }
+
+__global__ void fill_kernel(float* out, float value) { out[threadIdx.x] = value; }
+__global__ void copy_kernel(float* out, const float* in) { out[threadIdx.x] = in[threadIdx.x]; }
 
 __global__ void warp_sum_kernel(const int* x, int* out) {
   int value = x[threadIdx.x];
@@ -124,7 +130,7 @@ TEST_F(Simt, BlockReductionUnderEverySchedule) {
   for (const char* schedule : {"forward", "reverse", "greedy", "shuffled"}) {
     emu::set_schedule(schedule);
     std::vector<float> out(blocks, -1.0f);
-    emu::launch(block_sum_kernel, "block_sum_kernel", blocks, 256)(x.data(), out.data(), n);
+    emu::launch(block_sum_kernel, "block_sum_kernel", blocks, 256)(x.data(), out.data(), n); sync();
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
     for (int b = 0; b < blocks; ++b) {
       double expected = 0;
@@ -139,9 +145,9 @@ TEST_F(Simt, AMissingBarrierGivesResultsThatDependOnTheSchedule) {
   for (int i = 0; i < 128; ++i) x[i] = static_cast<float>(i);
   std::vector<float> forward(128), reverse(128);
   emu::set_schedule("forward");
-  emu::launch(racy_shift_kernel, "racy_shift_kernel", 1, 128)(x.data(), forward.data());
+  emu::launch(racy_shift_kernel, "racy_shift_kernel", 1, 128)(x.data(), forward.data()); sync();
   emu::set_schedule("reverse");
-  emu::launch(racy_shift_kernel, "racy_shift_kernel", 1, 128)(x.data(), reverse.data());
+  emu::launch(racy_shift_kernel, "racy_shift_kernel", 1, 128)(x.data(), reverse.data()); sync();
   EXPECT_NE(forward, reverse) << "a race must show as a difference between schedules";
 }
 
@@ -152,19 +158,71 @@ TEST_F(Simt, AWarpRunningAheadAcrossBarriersExposesSharedMemoryReuse) {
   for (float v : x) sum += v;
   std::vector<float> out(128);
   emu::set_schedule("forward");
-  emu::launch(two_block_sums_kernel, "two_block_sums_kernel", 1, 128)(x.data(), out.data());
+  emu::launch(two_block_sums_kernel, "two_block_sums_kernel", 1, 128)(x.data(), out.data()); sync();
   EXPECT_EQ(out[0], 3.0f * sum) << "round-robin passes keep the warps in step";
   emu::set_schedule("greedy");
-  emu::launch(two_block_sums_kernel, "two_block_sums_kernel", 1, 128)(x.data(), out.data());
+  emu::launch(two_block_sums_kernel, "two_block_sums_kernel", 1, 128)(x.data(), out.data()); sync();
   int wrong = 0;
   for (float v : out) wrong += v != 3.0f * sum;
   EXPECT_GT(wrong, 0) << "the greedy schedule must expose the missing barrier";
 }
 
+// Work runs in stream order: a consumer on another stream sees its producer's output only when it
+// waits for an event recorded after the producer, and the host only after synchronising.
+TEST_F(Simt, StreamsOrderWorkOnlyThroughEventsAndSynchronisation) {
+  emu::set_deferred_streams(true);
+  cudaStream_t producer, consumer;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&producer, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&consumer, cudaStreamNonBlocking), cudaSuccess);
+  cudaEvent_t produced;
+  ASSERT_EQ(cudaEventCreate(&produced), cudaSuccess);
+  float* data = nullptr;
+  float* seen = nullptr;
+  ASSERT_EQ(cudaMalloc(&data, 32 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&seen, 32 * sizeof(float)), cudaSuccess);
+  float host[32];
+
+  // Without a wait the consumer, drained first, reads what was there before (0).
+  ASSERT_EQ(cudaMemset(data, 0, 32 * sizeof(float)), cudaSuccess);
+  emu::launch(fill_kernel, "fill_kernel", 1, 32, 0, producer)(data, 7.0f);
+  emu::launch(copy_kernel, "copy_kernel", 1, 32, 0, consumer)(seen, data);
+  ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(host, seen, sizeof(host), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(host[5], 0.0f) << "a consumer that does not wait ran after its producer";
+  ASSERT_EQ(cudaStreamSynchronize(producer), cudaSuccess);
+
+  // With the event it sees the producer's value.
+  emu::launch(fill_kernel, "fill_kernel", 1, 32, 0, producer)(data, 9.0f);
+  ASSERT_EQ(cudaEventRecord(produced, producer), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(consumer, produced, 0), cudaSuccess);
+  emu::launch(copy_kernel, "copy_kernel", 1, 32, 0, consumer)(seen, data);
+  ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(host, seen, sizeof(host), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(host[5], 9.0f);
+
+  // An asynchronous copy into pinned memory lands when the stream is synchronised, not before.
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, 32 * sizeof(float)), cudaSuccess);
+  pinned[5] = -1.0f;
+  ASSERT_EQ(cudaMemcpyAsync(pinned, data, 32 * sizeof(float), cudaMemcpyDeviceToHost, producer),
+            cudaSuccess);
+  EXPECT_EQ(pinned[5], -1.0f);
+  ASSERT_EQ(cudaStreamSynchronize(producer), cudaSuccess);
+  EXPECT_EQ(pinned[5], 9.0f);
+
+  EXPECT_EQ(cudaFreeHost(pinned), cudaSuccess);
+  EXPECT_EQ(cudaFree(data), cudaSuccess);
+  EXPECT_EQ(cudaFree(seen), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(produced), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(producer), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(consumer), cudaSuccess);
+  emu::set_deferred_streams(false);
+}
+
 TEST_F(Simt, WarpShuffleReduction) {
   std::vector<int> x(64), out(64);
   for (int i = 0; i < 64; ++i) x[i] = i;
-  emu::launch(warp_sum_kernel, "warp_sum_kernel", 1, 64)(x.data(), out.data());
+  emu::launch(warp_sum_kernel, "warp_sum_kernel", 1, 64)(x.data(), out.data()); sync();
   for (int i = 0; i < 32; ++i) EXPECT_EQ(out[i], 31 * 32 / 2);
   for (int i = 32; i < 64; ++i) EXPECT_EQ(out[i], (32 + 63) * 32 / 2);
 }
@@ -172,7 +230,7 @@ TEST_F(Simt, WarpShuffleReduction) {
 TEST_F(Simt, DivergentBarriersAreReportedAsADeadlock) {
   std::vector<int> out(64);
   try {
-    emu::launch(divergent_barrier_kernel, "divergent_barrier_kernel", 1, 64)(out.data());
+    emu::launch(divergent_barrier_kernel, "divergent_barrier_kernel", 1, 64)(out.data()); sync();
     FAIL() << "the deadlock was not detected";
   } catch (const std::runtime_error& e) {
     const std::string what = e.what();
@@ -181,13 +239,13 @@ TEST_F(Simt, DivergentBarriersAreReportedAsADeadlock) {
   }
   // The emulator recovers: the next launch runs.
   std::vector<int> x(64, 1), sums(64);
-  emu::launch(warp_sum_kernel, "warp_sum_kernel", 1, 64)(x.data(), sums.data());
+  emu::launch(warp_sum_kernel, "warp_sum_kernel", 1, 64)(x.data(), sums.data()); sync();
   EXPECT_EQ(sums[0], 32);
 }
 
 TEST_F(Simt, ReturnedThreadsDoNotHoldUpABarrier) {
   std::vector<int> out(128, -1);
-  emu::launch(early_exit_kernel, "early_exit_kernel", 1, 128)(out.data(), 40);
+  emu::launch(early_exit_kernel, "early_exit_kernel", 1, 128)(out.data(), 40); sync();
   for (int i = 0; i < 40; ++i) EXPECT_EQ(out[i], 7);
   for (int i = 40; i < 128; ++i) EXPECT_EQ(out[i], -1);
 }
@@ -195,21 +253,21 @@ TEST_F(Simt, ReturnedThreadsDoNotHoldUpABarrier) {
 TEST_F(Simt, LaunchConfigurationsAreCheckedAsTheRuntimeDoes) {
   std::vector<int> out(2048);
   (void)cudaGetLastError();
-  emu::launch(early_exit_kernel, "early_exit_kernel", 1, 2048)(out.data(), 1);
+  emu::launch(early_exit_kernel, "early_exit_kernel", 1, 2048)(out.data(), 1); sync();
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
-  emu::launch(early_exit_kernel, "early_exit_kernel", dim3(1, 70000), 32)(out.data(), 1);
+  emu::launch(early_exit_kernel, "early_exit_kernel", dim3(1, 70000), 32)(out.data(), 1); sync();
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
-  emu::launch(early_exit_kernel, "early_exit_kernel", 0, 32)(out.data(), 1);
+  emu::launch(early_exit_kernel, "early_exit_kernel", 0, 32)(out.data(), 1); sync();
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
 
   // Beyond 48 KiB of dynamic shared memory only after cudaFuncSetAttribute, never beyond 227 KiB.
   std::vector<float> f(64);
-  emu::launch(dynamic_shared_kernel, "dynamic_shared_kernel", 1, 64, 64 * 1024)(f.data(), 64);
+  emu::launch(dynamic_shared_kernel, "dynamic_shared_kernel", 1, 64, 64 * 1024)(f.data(), 64); sync();
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
   EXPECT_EQ(cudaFuncSetAttribute(dynamic_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  64 * 1024),
             cudaSuccess);
-  emu::launch(dynamic_shared_kernel, "dynamic_shared_kernel", 1, 64, 64 * 1024)(f.data(), 64);
+  emu::launch(dynamic_shared_kernel, "dynamic_shared_kernel", 1, 64, 64 * 1024)(f.data(), 64); sync();
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   EXPECT_NE(cudaFuncSetAttribute(dynamic_shared_kernel,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, 228 * 1024),
@@ -218,7 +276,7 @@ TEST_F(Simt, LaunchConfigurationsAreCheckedAsTheRuntimeDoes) {
 
 TEST_F(Simt, UnwrittenDynamicSharedMemoryReadsAsNaN) {
   std::vector<float> out(64);
-  emu::launch(dynamic_shared_kernel, "dynamic_shared_kernel", 1, 64, 64 * 4)(out.data(), 32);
+  emu::launch(dynamic_shared_kernel, "dynamic_shared_kernel", 1, 64, 64 * 4)(out.data(), 32); sync();
   for (int i = 0; i < 32; ++i) EXPECT_EQ(out[i], 1.0f);
   for (int i = 32; i < 64; ++i) EXPECT_TRUE(std::isnan(out[i])) << i;
 }
@@ -246,14 +304,14 @@ TEST_F(Simt, WmmaMatchesAMatrixProduct) {
   for (const char* schedule : {"forward", "reverse"}) {
     emu::set_schedule(schedule);
     std::vector<float> out = c;
-    emu::launch(wmma_kernel, "wmma_kernel", 1, 32)(out.data(), a.data(), b.data());
+    emu::launch(wmma_kernel, "wmma_kernel", 1, 32)(out.data(), a.data(), b.data()); sync();
     for (int i = 0; i < 256; ++i) EXPECT_NEAR(out[i], expected[i], 1e-5) << schedule << " " << i;
   }
 }
 
 TEST_F(Simt, CodeThatAssumesAFragmentLayoutFails) {
   std::vector<float> c(256, 1.0f);
-  emu::launch(layout_assuming_kernel, "layout_assuming_kernel", 1, 32)(c.data());
+  emu::launch(layout_assuming_kernel, "layout_assuming_kernel", 1, 32)(c.data()); sync();
   int right = 0;
   for (int r = 0; r < 16; ++r) {
     for (int col = 0; col < 16; ++col) right += c[r * 16 + col] == std::ldexp(1.0f, r);

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 #include "library_types.h"
 #include "simt.h"
@@ -18,6 +19,7 @@ typedef enum cudaError {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorNoDevice = 100,
   cudaErrorInvalidDevice = 101,
+  cudaErrorNotReady = 600,
   cudaErrorIllegalAddress = 700,
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
@@ -138,6 +140,19 @@ namespace emu {
 // synchronisation): emulated libraries whose operations complete later than they are enqueued
 // (NCCL's point-to-point sends) finish them there.
 void add_synchronize_hook(void (*flush)());
+
+// Stream order. Work enqueued on a stream runs when the host waits for it (cudaStreamSynchronize,
+// an event it recorded, a blocking copy, cudaFree, cudaDeviceSynchronize) or when another stream
+// that waits on one of its events is drained -- not when it is enqueued. So a consumer on one
+// stream that does not wait (cudaStreamWaitEvent) for its producer on another runs before the
+// producer and reads stale data, as it may on a GPU; and the host reading the result of an
+// asynchronous copy before synchronising reads stale data too. FREQKV_EMU_STREAMS=immediate runs
+// work when it is enqueued instead (for telling an ordering bug from any other).
+void enqueue(cudaStream_t stream, std::function<void()> work);
+// Runs everything enqueued on `stream` so far.
+void drain(cudaStream_t stream);
+// Overrides FREQKV_EMU_STREAMS (tests of the emulated libraries' own semantics run immediate).
+void set_deferred_streams(bool deferred);
 }  // namespace emu
 
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device);

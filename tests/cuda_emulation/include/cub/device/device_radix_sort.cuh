@@ -58,7 +58,6 @@ struct DeviceRadixSort {
                   "the emulated cub::DeviceRadixSort sorts integer keys only");
     static_assert(std::is_integral<NumItemsT>::value, "num_items must be an integer");
     static_assert(std::is_trivially_copyable<ValueT>::value, "values are copied as bytes");
-    (void)stream;  // every stream is the host thread
     namespace detail = emulation_detail;
     using Bits = typename std::make_unsigned<KeyT>::type;
     constexpr int kKeyBits = static_cast<int>(sizeof(KeyT) * 8);
@@ -104,24 +103,27 @@ struct DeviceRadixSort {
       return detail::reject("d_temp_storage is not aligned for the sort's indices");
     }
 
-    const int width = end_bit - begin_bit;
-    const Bits mask =
-        width >= kKeyBits ? static_cast<Bits>(~Bits{0}) : static_cast<Bits>((Bits{1} << width) - 1);
-    const auto digit = [&](size_t i) -> Bits {
-      Bits bits = static_cast<Bits>(d_keys_in[i]);
-      if constexpr (std::is_signed<KeyT>::value) {
-        bits = static_cast<Bits>(bits ^ static_cast<Bits>(Bits{1} << (kKeyBits - 1)));
+    // Runs in stream order, as the GPU's sort.
+    emu::enqueue(stream, [=]() {
+      const int width = end_bit - begin_bit;
+      const Bits mask =
+          width >= kKeyBits ? static_cast<Bits>(~Bits{0}) : static_cast<Bits>((Bits{1} << width) - 1);
+      const auto digit = [&](size_t i) -> Bits {
+        Bits bits = static_cast<Bits>(d_keys_in[i]);
+        if constexpr (std::is_signed<KeyT>::value) {
+          bits = static_cast<Bits>(bits ^ static_cast<Bits>(Bits{1} << (kKeyBits - 1)));
+        }
+        return width == 0 ? Bits{0} : static_cast<Bits>((bits >> begin_bit) & mask);
+      };
+      uint64_t* order = static_cast<uint64_t*>(d_temp_storage);
+      for (size_t i = 0; i < n; ++i) order[i] = i;
+      std::stable_sort(order, order + n, [&](uint64_t a, uint64_t b) { return digit(a) < digit(b); });
+      for (size_t i = 0; i < n; ++i) {
+        d_keys_out[i] = d_keys_in[order[i]];
+        std::memcpy(static_cast<void*>(d_values_out + i),
+                    static_cast<const void*>(d_values_in + order[i]), sizeof(ValueT));
       }
-      return width == 0 ? Bits{0} : static_cast<Bits>((bits >> begin_bit) & mask);
-    };
-    uint64_t* order = static_cast<uint64_t*>(d_temp_storage);
-    for (size_t i = 0; i < n; ++i) order[i] = i;
-    std::stable_sort(order, order + n, [&](uint64_t a, uint64_t b) { return digit(a) < digit(b); });
-    for (size_t i = 0; i < n; ++i) {
-      d_keys_out[i] = d_keys_in[order[i]];
-      std::memcpy(static_cast<void*>(d_values_out + i),
-                  static_cast<const void*>(d_values_in + order[i]), sizeof(ValueT));
-    }
+    });
     return cudaSuccess;
   }
 };
