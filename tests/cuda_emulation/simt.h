@@ -22,6 +22,8 @@
 //     NaN as float and bf16.
 //   * WMMA fragment layouts: which lane holds which element of a fragment is unspecified on the
 //     GPU; here it is a fixed pseudo-random permutation, so code that assumes a layout fails.
+//   * Stream order (the emulated runtime, include/cuda_runtime.h): work runs when its stream is
+//     drained, so a consumer that does not wait for its producer's event reads stale data.
 // What it cannot check: performance, the memory model beyond barriers, cp.async, or anything
 // the real libraries (cuBLASLt, cuFFT, NCCL) do -- those are emulated by their documented
 // semantics in emulated_libraries.cpp and emulated_nccl.cpp.
