@@ -43,7 +43,7 @@ enum class Schedule { Forward, Reverse, Greedy, Shuffled };
 // glibc's swapcontext saves the signal mask with a system call on every switch, which was 70% of
 // the emulator's time; on x86-64 a switch here saves only what the ABI says a call preserves
 // (rbx, rbp, r12-r15, the stack pointer, MXCSR and the x87 control word). Elsewhere: ucontext.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(FREQKV_EMU_UCONTEXT)  // FREQKV_EMU_UCONTEXT: test the fallback
 extern "C" void freqkv_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
   .text
