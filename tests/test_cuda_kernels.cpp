@@ -123,6 +123,34 @@ void expect_identical(const std::vector<float>& got, const std::vector<float>& w
   }
 }
 
+// Sets an environment variable for the rest of a scope and puts it back as it was (set to its
+// old value, or unset), however the scope ends.
+class ScopedEnvironmentVariable {
+ public:
+  explicit ScopedEnvironmentVariable(const char* name) : name_(name) {
+    const char* saved = std::getenv(name);
+    was_set_ = saved != nullptr;
+    if (was_set_) saved_ = saved;
+  }
+  ~ScopedEnvironmentVariable() {
+    if (was_set_) {
+      setenv(name_, saved_.c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnvironmentVariable(const ScopedEnvironmentVariable&) = delete;
+  ScopedEnvironmentVariable& operator=(const ScopedEnvironmentVariable&) = delete;
+
+  int set(const char* value) const { return setenv(name_, value, 1); }
+  int unset() const { return unsetenv(name_); }
+
+ private:
+  const char* name_;
+  bool was_set_ = false;
+  std::string saved_;
+};
+
 class CudaKernelsTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -457,20 +485,9 @@ TEST_F(CudaKernelsTest, GemmLtCachesTheAlgorithmPerShapeAndAlignment) {
 }
 
 TEST_F(CudaKernelsTest, GemmSelectionByEnvironment) {
-  // make_cuda_kernels reads FREQKV_GEMM; a bad value is an error naming it. Puts the variable
-  // back as it was, however the test ends.
-  struct RestoreEnvironment {
-    const char* saved = std::getenv("FREQKV_GEMM");
-    std::string saved_value = saved != nullptr ? saved : "";
-    ~RestoreEnvironment() {
-      if (saved != nullptr) {
-        setenv("FREQKV_GEMM", saved_value.c_str(), 1);
-      } else {
-        unsetenv("FREQKV_GEMM");
-      }
-    }
-  } restore_environment;
-  ASSERT_EQ(setenv("FREQKV_GEMM", "cutlass", 1), 0);
+  // make_cuda_kernels reads FREQKV_GEMM; a bad value is an error naming it.
+  const ScopedEnvironmentVariable gemm_choice("FREQKV_GEMM");
+  ASSERT_EQ(gemm_choice.set("cutlass"), 0);
   try {
     (void)freqkv::make_cuda_kernels(0);
     ADD_FAILURE() << "FREQKV_GEMM = cutlass was accepted";
@@ -481,9 +498,9 @@ TEST_F(CudaKernelsTest, GemmSelectionByEnvironment) {
   const std::vector<float> b_values = random_bf16_values(64 * 48, 32);
   const auto counts_with_environment = [&](const char* choice) {
     if (choice != nullptr) {
-      EXPECT_EQ(setenv("FREQKV_GEMM", choice, 1), 0);
+      EXPECT_EQ(gemm_choice.set(choice), 0);
     } else {
-      EXPECT_EQ(unsetenv("FREQKV_GEMM"), 0);
+      EXPECT_EQ(gemm_choice.unset(), 0);
     }
     std::unique_ptr<Kernels<bf16>> kernels = freqkv::make_cuda_kernels(0);
     Buffer<bf16> a(*kernels, 32 * 64), b(*kernels, 64 * 48), c(*kernels, 32 * 48);
@@ -1139,17 +1156,11 @@ INSTANTIATE_TEST_SUITE_P(FlashHeadShapes, FlashAttentionTest,
                          attention_case_name);
 
 TEST_F(CudaKernelsTest, FlashAttentionSelectionByEnvironment) {
-  const char* saved = std::getenv("FREQKV_ATTENTION");
-  const std::string saved_value = saved != nullptr ? saved : "";
-  ::setenv("FREQKV_ATTENTION", "fastest", 1);
+  const ScopedEnvironmentVariable attention_choice("FREQKV_ATTENTION");
+  ASSERT_EQ(attention_choice.set("fastest"), 0);
   EXPECT_THROW(freqkv::make_cuda_kernels(0), std::invalid_argument);
-  ::setenv("FREQKV_ATTENTION", "simple", 1);
+  ASSERT_EQ(attention_choice.set("simple"), 0);
   EXPECT_NO_THROW(freqkv::make_cuda_kernels(0));
-  if (saved != nullptr) {
-    ::setenv("FREQKV_ATTENTION", saved_value.c_str(), 1);
-  } else {
-    ::unsetenv("FREQKV_ATTENTION");
-  }
 }
 
 // ---- cross-entropy ------------------------------------------------------------------------------
@@ -1414,19 +1425,8 @@ TEST_F(CudaKernelsTest, FreqKVCompressAutoPicksFftFromTheCrossover) {
 
 TEST_F(CudaKernelsTest, FreqKVCompressCrossoverFromTheEnvironment) {
   // make_cuda_kernels reads FREQKV_COMPRESS_CROSSOVER; a bad value is an error naming it.
-  // Puts the variable back as it was, however the test ends.
-  struct RestoreEnvironment {
-    const char* saved = std::getenv("FREQKV_COMPRESS_CROSSOVER");
-    std::string saved_value = saved != nullptr ? saved : "";
-    ~RestoreEnvironment() {
-      if (saved != nullptr) {
-        setenv("FREQKV_COMPRESS_CROSSOVER", saved_value.c_str(), 1);
-      } else {
-        unsetenv("FREQKV_COMPRESS_CROSSOVER");
-      }
-    }
-  } restore_environment;
-  ASSERT_EQ(setenv("FREQKV_COMPRESS_CROSSOVER", "12x", 1), 0);
+  const ScopedEnvironmentVariable crossover_choice("FREQKV_COMPRESS_CROSSOVER");
+  ASSERT_EQ(crossover_choice.set("12x"), 0);
   try {
     (void)freqkv::make_cuda_kernels(0);
     ADD_FAILURE() << "FREQKV_COMPRESS_CROSSOVER = 12x was accepted";
@@ -1438,7 +1438,7 @@ TEST_F(CudaKernelsTest, FreqKVCompressCrossoverFromTheEnvironment) {
   const int64_t n_in = 100, n_out = 50, channels = 16;
   const std::vector<float> in = random_bf16_values(n_in * channels, 91);
   const auto compress_with_environment = [&](const char* crossover) {
-    EXPECT_EQ(setenv("FREQKV_COMPRESS_CROSSOVER", crossover, 1), 0);
+    EXPECT_EQ(crossover_choice.set(crossover), 0);
     std::unique_ptr<Kernels<bf16>> kernels = freqkv::make_cuda_kernels(0);
     Buffer<bf16> gin(*kernels, n_in * channels), gout(*kernels, n_out * channels);
     kernels->upload(gin.data(), in.data(), gin.size());
