@@ -117,7 +117,8 @@ cudaError_t check_side(const void* p, size_t bytes, bool want_device, const char
                                            std::to_string(bytes) +
                                            " bytes) is not inside one device allocation");
   }
-  if (!want_device && find(p, 1) != nullptr && find(p, 1)->device) {
+  const Allocation* first = find(p, 1);
+  if (!want_device && first != nullptr && first->device) {
     return fail(cudaErrorInvalidValue,
                 std::string("cudaMemcpy: the ") + role + " is device memory, the kind says host");
   }

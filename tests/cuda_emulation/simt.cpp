@@ -418,15 +418,13 @@ int check_launch_configuration(const void* kernel, dim3 grid, dim3 block,
   return 0;
 }
 
-int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
-             size_t dynamic_shared_bytes, const std::function<void()>& thread_body) {
+void run_grid(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_shared_bytes,
+              const std::function<void()>& thread_body) {
   Emulator& em = emulator();
   if (em.running != nullptr || em.body != nullptr) {
     throw std::logic_error(std::string("CUDA emulator: ") + kernel_name +
                            " launched from inside a kernel");
   }
-  const int invalid = check_launch_configuration(kernel, grid, block, dynamic_shared_bytes);
-  if (invalid != 0) return invalid;
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
 
   if (!em.schedule_read) {
@@ -471,7 +469,6 @@ int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
                              block_text(em.launch.block_idx) + ": " + what);
   }
   em.body = nullptr;
-  return 0;
 }
 
 }  // namespace emu

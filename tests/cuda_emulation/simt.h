@@ -111,11 +111,11 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes,
                                    void (*combine)(unsigned char* table) = nullptr);
 
 // ---- launching ----------------------------------------------------------------------------------
-// Runs `thread_body` as every thread of the grid. Returns a cudaError_t value: 0, or the error the
-// runtime gives for this configuration (then nothing ran). Faults inside the kernel (a deadlock,
-// an exception) throw std::runtime_error naming the kernel.
-int run_grid(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
-             size_t dynamic_shared_bytes, const std::function<void()>& thread_body);
+// Runs `thread_body` as every thread of the grid, whose configuration Launch has checked
+// (check_launch_configuration, at launch time as the runtime does). Faults inside the kernel (a
+// deadlock, an exception) throw std::runtime_error naming the kernel.
+void run_grid(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_shared_bytes,
+              const std::function<void()>& thread_body);
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, value).
 bool set_function_attribute(const void* kernel, int attribute, int value);
 // The order threads run in between synchronisation points: "forward", "reverse", "greedy" or
@@ -156,7 +156,7 @@ class Launch {
     const dim3 grid = grid_, block = block_;
     const size_t smem = smem_;
     enqueue_launch(stream_, [=] {
-      (void)run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, smem, [&] {
+      run_grid(name, grid, block, smem, [&] {
         // Each thread gets its own copy of the parameters, as on the GPU.
         std::tuple<std::decay_t<Params>...> mine = *parameters;
         std::apply(kernel, mine);
